@@ -1,0 +1,1 @@
+"""Analysis of trained crosscoders (diffing metrics, recovery of planted features)."""

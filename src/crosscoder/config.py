@@ -1,0 +1,222 @@
+"""Configuration dataclasses. The CLI flags are generated from these (see :mod:`crosscoder.cli.args`).
+
+A run's ``OUT/config.json`` holds every field (model fields at the top level, as in Hugging Face
+``config.json`` files, training and data fields under ``"train"`` and ``"data"``) and can be passed
+back with ``--config`` to reproduce the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+ARCH_CHOICES = ("vanilla", "batchtopk")
+
+
+def _f(default: Any, help: str, *, aliases: tuple[str, ...] = (), choices: tuple | None = None, cli: bool = True):
+    meta = {"help": help, "aliases": aliases, "choices": choices, "cli": cli}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class CrossCoderConfig:
+    """Architecture of one crosscoder. Saved at the top level of ``config.json``."""
+
+    arch: str = _f("vanilla", "architecture from the registry", choices=ARCH_CHOICES)
+    d_latent: int = _f(2048, "number of latents (dictionary size)", aliases=("--dict-size",))
+    k: int = _f(32, "batchtopk: mean active latents per token (k * batch kept per batch)")
+    l1_weighting: str = _f(
+        "sum", "vanilla: decoder-norm weighting of the L1 penalty", choices=("sum", "concat")
+    )
+    dec_init_norm: float = _f(0.08, "initial L2 norm of every per-model decoder vector")
+    threshold_beta: float = _f(0.999, "batchtopk: EMA factor of the inference threshold")
+    n_models: int = _f(2, "number of models (inferred from data)", cli=False)
+    d_model: int = _f(0, "activation width (inferred from data)", cli=False)
+    norm_scale: list[float] | None = _f(
+        None, "per-model factor multiplying raw activations (inferred from data)", cli=False
+    )
+    model_names: list[str] | None = _f(None, "names of the models, base first", cli=False)
+    site: str | None = _f(None, "module the activations were read at", cli=False)
+
+    def validate(self) -> None:
+        if self.arch not in ARCH_CHOICES:
+            raise ConfigError(f"arch: unknown architecture {self.arch!r} (choices: {', '.join(ARCH_CHOICES)})")
+        for name in ("d_latent", "k", "n_models"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.l1_weighting not in ("sum", "concat"):
+            raise ConfigError(f"l1_weighting: must be 'sum' or 'concat', got {self.l1_weighting!r}")
+        if self.norm_scale is not None and len(self.norm_scale) != self.n_models:
+            raise ConfigError(f"norm_scale: expected {self.n_models} factors, got {len(self.norm_scale)}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedules, logging and checkpointing."""
+
+    num_tokens: int = _f(20_000_000, "training budget in tokens")
+    batch_size: int = _f(2048, "tokens per optimiser step")
+    lr: float = _f(1e-3, "Adam learning rate")
+    beta1: float = _f(0.9, "Adam beta1")
+    beta2: float = _f(0.999, "Adam beta2")
+    lr_warmup_frac: float = _f(0.0, "fraction of steps of linear LR warm-up")
+    lr_decay_frac: float = _f(0.2, "fraction of steps (at the end) of linear LR decay to 0")
+    l1_coeff: float = _f(1.0, "vanilla: L1 coefficient (after warm-up)")
+    l1_warmup_frac: float = _f(0.05, "fraction of steps over which the L1 coefficient ramps from 0")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (<= 0 disables)")
+    aux_k: int | None = _f(None, "AuxK: dead latents used by the auxiliary loss (0 = off; default 512 for batchtopk, 0 for vanilla)")
+    aux_coeff: float = _f(1 / 32, "AuxK loss coefficient")
+    dead_tokens: int = _f(10_000_000, "a latent is dead after this many tokens without firing")
+    l2_loss: str = _f("squared", "reconstruction loss: squared error summed, or per-model L2 norm", choices=("squared", "norm"))
+    b_dec_init: str = _f("zeros", "decoder bias init", choices=("zeros", "geometric_median"))
+    seed: int = _f(0, "seed for init, shuffling and validation split")
+    log_every: int = _f(50, "steps between metric logs")
+    save_every: int = _f(1000, "steps between checkpoints (0 = only at the end / on signal)")
+    keep_checkpoints: int = _f(2, "checkpoints kept on disk")
+    val_every: int = _f(500, "steps between validation passes (0 = off)")
+    val_tokens: int = _f(65536, "held-out tokens never trained on (0 = no validation)")
+    wandb: str = _f("auto", "wandb logging (auto = online when logged in, else offline)", choices=("auto", "online", "offline", "off"))
+    wandb_project: str = _f("crosscoder", "wandb project")
+    threads: int = _f(1, "torch CPU threads (1 is fastest on a shared 2-core machine)")
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = _f("float32", "compute dtype (bfloat16 = autocast, float32 master weights)", choices=("float32", "bfloat16"))
+    compile: bool = _f(False, "torch.compile the training step")
+    progress: bool = _f(True, "show a tqdm progress bar")
+
+    def validate(self) -> None:
+        for name in ("num_tokens", "batch_size", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.num_tokens < self.batch_size:
+            raise ConfigError(f"num_tokens: {self.num_tokens} is smaller than one batch ({self.batch_size})")
+        for name in ("lr_warmup_frac", "lr_decay_frac", "l1_warmup_frac"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"{name}: must be in [0, 1], got {v}")
+        if self.lr_warmup_frac + self.lr_decay_frac > 1.0:
+            raise ConfigError("lr_warmup_frac + lr_decay_frac must not exceed 1")
+        if self.keep_checkpoints < 1:
+            raise ConfigError("keep_checkpoints: must be at least 1")
+        if self.threads < 1:
+            raise ConfigError("threads: must be at least 1")
+
+    @property
+    def total_steps(self) -> int:
+        return self.num_tokens // self.batch_size
+
+    def resolved_aux_k(self, arch: str) -> int:
+        if self.aux_k is not None:
+            return self.aux_k
+        return 512 if arch == "batchtopk" else 0
+
+
+@dataclass
+class DataConfig:
+    """Where the paired activations come from. With no source set, the built-in synthetic pair."""
+
+    base_data: str | None = _f(None, "base-model activations: HF dataset (save_to_disk folder, parquet, or hub id)")
+    ft_data: str | None = _f(None, "fine-tuned-model activations, row-aligned with --base-data")
+    column: str = _f("activation", "vector column of --base-data / --ft-data")
+    cache: str | None = _f(None, "paired activation cache folder (from `crosscoder collect` or a conversion)")
+    skip_nonfinite: bool = _f(False, "skip rows with NaN/Inf (counted) instead of failing")
+    norm_scaling: bool = _f(True, "scale each model so the mean activation norm is sqrt(d_model)")
+    norm_sample_tokens: int = _f(100_000, "tokens sampled to estimate the norm scale (when no stored statistics)")
+    prefetch: int = _f(4, "batches prepared ahead by the background reader")
+    verify_cache: str = _f("crc", "cache check at open: crc (checksums) or size", choices=("crc", "size"))
+    # On-the-fly collection (the plan's Buffer): used when --base-model/--ft-model/--dataset are given.
+    base_model: str | None = _f(None, "on-the-fly: base model (hub id or local folder)")
+    ft_model: str | None = _f(None, "on-the-fly: fine-tuned model (hub id or local folder)")
+    site: str | None = _f(None, "on-the-fly: module path to read, e.g. model.layers.13")
+    dataset: str | None = _f(None, "on-the-fly: text dataset (hub id, save_to_disk folder, json/jsonl/parquet/txt)")
+    text_column: str = _f("text", "on-the-fly: text column of --dataset")
+    chat_template: str = _f("none", "on-the-fly: render a `messages` column with a chat template", choices=("base", "ft", "none"))
+    seq_len: int = _f(128, "on-the-fly: tokens per sequence (packed or truncated)")
+    model_batch_size: int = _f(32, "on-the-fly: sequences per model forward")
+    buffer_tokens: int = _f(262_144, "on-the-fly: paired activations held by the buffer")
+    model_dtype: str = _f("float32", "on-the-fly: dtype the models run in", choices=("float32", "bfloat16", "float16"))
+    allow_tokenizer_mismatch: bool = _f(False, "on-the-fly: allow tokenizers that disagree")
+    max_norm_ratio: float | None = _f(None, "on-the-fly: drop positions whose norm exceeds this ratio to the running median")
+    trust_remote_code: bool = _f(False, "on-the-fly: pass trust_remote_code to transformers")
+    fingerprints: dict[str, str] = _f({}, "data fingerprints (filled in by the run)", cli=False)
+
+
+@dataclass
+class RunConfig:
+    """Everything one ``crosscoder train`` run needs."""
+
+    model: CrossCoderConfig = field(default_factory=CrossCoderConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.train.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Hugging Face style: model fields at the top level, then ``train`` and ``data`` sections."""
+        out = dataclasses.asdict(self.model)
+        out["train"] = dataclasses.asdict(self.train)
+        out["data"] = dataclasses.asdict(self.data)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> RunConfig:
+        """Accept a saved ``config.json`` (sections) or a flat mapping of field names."""
+        sections: dict[str, dict[str, Any]] = {"model": {}, "train": {}, "data": {}}
+        owners = {name: sec for sec, c in (("model", CrossCoderConfig), ("train", TrainConfig),
+                                           ("data", DataConfig)) for name in _names(c)}
+        for key, value in d.items():
+            if key in sections and isinstance(value, dict):
+                sections[key].update(value)
+            elif key in owners:
+                sections[owners[key]][key] = value
+            elif key not in INFO_KEYS:
+                raise ConfigError(f"{source}: unknown key {key!r}")
+        return cls(
+            model=dataclass_from_dict(CrossCoderConfig, sections["model"], f"{source}: model"),
+            train=dataclass_from_dict(TrainConfig, sections["train"], f"{source}: train"),
+            data=dataclass_from_dict(DataConfig, sections["data"], f"{source}: data"),
+        )
+
+
+# Keys written to config.json for information only; accepted and ignored on load.
+INFO_KEYS = {"library", "version", "threshold", "metrics", "created", "recovery", "format", "source"}
+
+
+def _names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def dataclass_from_dict(cls: type, d: dict[str, Any], source: str) -> Any:
+    """Build ``cls`` from a dict, refusing unknown keys with an error naming them and the source."""
+    unknown = sorted(set(d) - set(_names(cls)))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}")
+    return cls(**d)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON or YAML config file into a dict (one-line errors on failure)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            d = yaml.safe_load(text) or {}
+        else:
+            d = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - any parse error becomes one line
+        raise ConfigError(f"{path}: cannot parse config ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: config must be a mapping")
+    return d

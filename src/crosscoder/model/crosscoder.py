@@ -1,0 +1,214 @@
+"""The crosscoder: one sparse dictionary over the activations of ``n_models`` models at one site.
+
+Shapes (the community's convention)::
+
+    x      [batch, n_models, d_model]     paired activations
+    W_enc  [n_models, d_model, d_latent]  encoder (sums over models inside one affine map)
+    b_enc  [d_latent]
+    W_dec  [d_latent, n_models, d_model]  one decoder vector per latent and model
+    b_dec  [n_models, d_model]
+    f      [batch, d_latent]              latents
+
+``norm_scale [n_models]`` records the factors that map raw activations to the normalised training
+space. A model trained on normalised inputs has ``norm_scale == 1``; :meth:`CrossCoder.fold` folds the
+factors into the weights so the crosscoder applies to raw activations, and keeps the factors so that
+decoder norms (the L1 weighting, the BatchTopK scores, the diffing metrics) are still measured in the
+normalised space: latents are identical before and after folding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import CrossCoderConfig
+from ..errors import CrossCoderError
+from ..io import atomic_path
+from .registry import get_architecture
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+class CrossCoder(nn.Module):
+    """A crosscoder of architecture ``cfg.arch`` (see :mod:`crosscoder.model.registry`)."""
+
+    def __init__(self, cfg: CrossCoderConfig, generator: torch.Generator | None = None,
+                 device: str | torch.device | None = None) -> None:
+        super().__init__()
+        cfg.validate()
+        if cfg.d_model <= 0:
+            raise CrossCoderError("d_model: must be set (positive) before building a CrossCoder")
+        self.cfg = cfg
+        m, d, h = cfg.n_models, cfg.d_model, cfg.d_latent
+        w_dec = torch.randn(h, m, d, generator=generator)
+        w_dec = w_dec / w_dec.norm(dim=-1, keepdim=True) * cfg.dec_init_norm
+        self.W_dec = nn.Parameter(w_dec)
+        self.W_enc = nn.Parameter(w_dec.permute(1, 2, 0).contiguous())
+        self.b_enc = nn.Parameter(torch.zeros(h))
+        self.b_dec = nn.Parameter(torch.zeros(m, d))
+        scale = torch.tensor(cfg.norm_scale if cfg.norm_scale is not None else [1.0] * m, dtype=torch.float32)
+        self.register_buffer("norm_scale", scale, persistent=False)
+        # BatchTopK inference threshold on decoder-norm-weighted activations (-1 = not yet set).
+        self.register_buffer("threshold", torch.tensor(-1.0))
+        self.arch = get_architecture(cfg.arch)(self)
+        if device is not None:
+            self.to(device)
+
+    # ------------------------------------------------------------------ core maths
+    def dec_norms(self) -> torch.Tensor:
+        """Per-latent, per-model decoder norms in the normalised space: ``[d_latent, n_models]``."""
+        return self.W_dec.norm(dim=-1) * self.norm_scale
+
+    def latent_weight(self) -> torch.Tensor:
+        """Decoder-norm weight of each latent ``[d_latent]``: sum over models (or concat norm)."""
+        norms = self.dec_norms()
+        if self.cfg.l1_weighting == "concat":
+            return norms.pow(2).sum(-1).sqrt()
+        return norms.sum(-1)
+
+    def encode_pre(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [batch, n_models, d_model]`` -> pre-activations ``[batch, d_latent]``."""
+        b = x.shape[0]
+        return torch.addmm(self.b_enc, x.reshape(b, -1), self.W_enc.reshape(-1, self.cfg.d_latent))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [batch, n_models, d_model]`` -> latents ``f [batch, d_latent]``.
+
+        BatchTopK uses the batch rule in training mode and the threshold in eval mode.
+        """
+        return self.arch.activate(self.encode_pre(x), self.latent_weight(), self.training)
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """``f [batch, d_latent]`` -> reconstruction ``[batch, n_models, d_model]``."""
+        out = torch.addmm(self.b_dec.reshape(1, -1), f, self.W_dec.reshape(self.cfg.d_latent, -1))
+        return out.view(f.shape[0], self.cfg.n_models, self.cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [batch, n_models, d_model]`` -> ``(x_hat [batch, n_models, d_model], f [batch, d_latent])``."""
+        f = self.encode(x)
+        return self.decode(f), f
+
+    @torch.no_grad()
+    def update_threshold(self, kept_scores: torch.Tensor) -> None:
+        """EMA of the smallest positive kept score (no host synchronisation)."""
+        pos = torch.where(kept_scores > 0, kept_scores, torch.full_like(kept_scores, float("inf")))
+        smallest = pos.min().to(self.threshold.dtype)
+        beta = self.cfg.threshold_beta
+        ema = torch.where(self.threshold < 0, smallest, beta * self.threshold + (1 - beta) * smallest)
+        self.threshold.copy_(torch.where(torch.isfinite(smallest), ema, self.threshold))
+
+    # ------------------------------------------------------------------ normalisation
+    @torch.no_grad()
+    def fold(self, norm_scale: torch.Tensor | list[float]) -> CrossCoder:
+        """Fold per-model input factors into the weights (in place) so the model takes raw inputs.
+
+        With ``s = norm_scale``: ``W_enc[m] *= s[m]``, ``W_dec[:, m] /= s[m]``, ``b_dec[m] /= s[m]``.
+        Latents on raw ``x`` then equal the unfolded latents on ``s * x``; reconstructions come out in
+        raw units.
+        """
+        s = torch.as_tensor(norm_scale, dtype=torch.float32, device=self.W_enc.device)
+        if not torch.all(self.norm_scale == 1):
+            raise CrossCoderError("fold: model is already folded")
+        self.W_enc.mul_(s[:, None, None])
+        self.W_dec.div_(s[None, :, None])
+        self.b_dec.div_(s[:, None])
+        self.norm_scale.copy_(s)
+        self.cfg.norm_scale = [float(v) for v in s.tolist()]
+        return self
+
+    @torch.no_grad()
+    def unfold(self) -> CrossCoder:
+        """Inverse of :meth:`fold`: weights back in the normalised training space (in place)."""
+        s = self.norm_scale.clone()
+        self.W_enc.div_(s[:, None, None])
+        self.W_dec.mul_(s[None, :, None])
+        self.b_dec.mul_(s[:, None])
+        self.norm_scale.fill_(1.0)
+        return self
+
+    # ------------------------------------------------------------------ persistence
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {n: getattr(self, n).detach().contiguous().cpu() for n in PARAM_NAMES}
+        if self.cfg.arch == "batchtopk":
+            out["threshold"] = self.threshold.detach().cpu().reshape(())
+        return out
+
+    def config_dict(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        from .. import __version__
+
+        d = dataclasses.asdict(self.cfg)
+        d["norm_scale"] = [float(v) for v in self.norm_scale.tolist()]
+        if self.cfg.arch == "batchtopk":
+            d["threshold"] = float(self.threshold)
+        d["library"] = "crosscoder"
+        d["version"] = __version__
+        if extra:
+            d.update(extra)
+        return d
+
+    def save_pretrained(self, path: str | os.PathLike, extra_config: dict[str, Any] | None = None) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` (each atomically) into ``path``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path / WEIGHTS_NAME) as tmp:
+            save_file(self.tensors(), str(tmp), metadata={"format": "pt"})
+        with atomic_path(path / CONFIG_NAME) as tmp:
+            tmp.write_text(json.dumps(self.config_dict(extra_config), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, revision: str | None = None,
+                        device: str | torch.device | None = None) -> CrossCoder:
+        """Load from a local folder or a Hugging Face Hub repo id (``config.json`` + ``model.safetensors``)."""
+        folder = Path(path)
+        if not folder.is_dir():
+            folder = _download(str(path), revision)
+        cfg_path, w_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+        for p in (cfg_path, w_path):
+            if not p.is_file():
+                raise CrossCoderError(f"{p}: not found (expected a crosscoder folder)")
+        raw = json.loads(cfg_path.read_text())
+        cfg = CrossCoderConfig(**{f.name: raw[f.name] for f in dataclasses.fields(CrossCoderConfig) if f.name in raw})
+        model = cls(cfg)
+        try:
+            tensors = load_file(str(w_path))
+        except Exception as e:  # noqa: BLE001 - corrupt file -> one line
+            raise CrossCoderError(f"{w_path}: cannot read safetensors ({e})") from None
+        with torch.no_grad():
+            for n in PARAM_NAMES:
+                if n not in tensors:
+                    raise CrossCoderError(f"{w_path}: missing tensor {n!r}")
+                if tensors[n].shape != getattr(model, n).shape:
+                    raise CrossCoderError(f"{w_path}: {n} has shape {tuple(tensors[n].shape)}, "
+                                          f"config says {tuple(getattr(model, n).shape)}")
+                getattr(model, n).copy_(tensors[n])
+            if "threshold" in tensors:
+                model.threshold.copy_(tensors["threshold"].reshape(()))
+        model.eval()
+        if device is not None:
+            model.to(device)
+        return model
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Upload to the Hugging Face Hub; see :func:`crosscoder.interop.hub.push_to_hub` for ``kwargs``."""
+        from ..interop.hub import push_to_hub  # lazy: the model layer does not import interop
+
+        return push_to_hub(self, repo_id, **kwargs)
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "*.md"]))
+    except Exception as e:  # noqa: BLE001 - network/hub errors -> one line
+        raise CrossCoderError(f"{repo_id}: not a local folder and not loadable from the Hub ({type(e).__name__})") from None
