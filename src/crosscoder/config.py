@@ -187,7 +187,7 @@ class RunConfig:
 
 
 # Keys written to config.json for information only; accepted and ignored on load.
-INFO_KEYS = {"library", "version", "threshold", "metrics", "created", "recovery", "format", "source"}
+INFO_KEYS = {"library", "version", "threshold", "metrics", "created", "recovery", "format", "source", "converted_from"}
 
 
 def _names(cls: type) -> list[str]:

@@ -38,13 +38,16 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     if not (args.config or args.resume or d.cache or d.base_data or d.ft_data or d.base_model or d.dataset):
         # The built-in synthetic pair: a short documented preset for what the user did not set.
         preset = {k: v for k, v in SYNTHETIC_PRESET.items() if getattr(args, k, None) is None}
-        cfg.train = apply(cfg.train, preset)
+        cfg.model = apply(cfg.model, {k: v for k, v in preset.items() if hasattr(cfg.model, k)})
+        cfg.train = apply(cfg.train, {k: v for k, v in preset.items() if hasattr(cfg.train, k)})
         print(f"no data given: training on the built-in synthetic pair (preset {preset})")
     return cfg
 
 
 # Applied to `crosscoder train` with no data arguments (flags still override each value).
-SYNTHETIC_PRESET = {"num_tokens": 1_000_000, "val_tokens": 32_768, "val_every": 100, "log_every": 25}
+# ~2.75 planted features are active per token, so k=4; 512 latents for 176 planted features.
+SYNTHETIC_PRESET = {"num_tokens": 1_000_000, "batch_size": 512, "d_latent": 512, "k": 4, "l1_coeff": 3.0,
+                    "dead_tokens": 20_000, "val_tokens": 32_768, "val_every": 200, "log_every": 50}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -31,6 +31,21 @@ def load_activation_dataset(spec: str, flag: str) -> Any:
     import datasets
 
     p = Path(spec)
+    was_enabled = datasets.is_progress_bar_enabled()
+    level = datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        return _load(spec, p, flag)
+    finally:
+        datasets.logging.set_verbosity(level)
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def _load(spec: str, p: Path, flag: str) -> Any:
+    import datasets
+
     try:
         if p.is_dir() and ((p / "state.json").exists() or (p / "dataset_dict.json").exists()):
             ds = datasets.load_from_disk(str(p))
@@ -41,6 +56,11 @@ def load_activation_dataset(spec: str, flag: str) -> Any:
             kind = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}.get(Path(files[0]).suffix)
             if kind is None:
                 raise DataError(f"{flag} {spec}: unsupported file type {Path(files[0]).suffix!r}")
+            if kind == "parquet":
+                import pyarrow.parquet as pq
+
+                if sum(pq.ParquetFile(f).metadata.num_rows for f in files) == 0:
+                    raise DataError(f"{flag} {spec}: dataset is empty")
             ds = datasets.load_dataset(kind, data_files=files, split="train")
         else:
             ds = datasets.load_dataset(spec, split="train")
