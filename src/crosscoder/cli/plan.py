@@ -1,0 +1,48 @@
+"""``crosscoder plan``: per-rank parameter, optimizer and activation memory, and cache disk size."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+NAME = "plan"
+HELP = "Estimate per-rank memory of a training run and the disk of an activation cache, before running it."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--d-model", type=int, required=True)
+    p.add_argument("--dict-size", type=int, required=True)
+    p.add_argument("--batch-size", type=int, default=4096, help="global batch in tokens (default 4096)")
+    p.add_argument("--n-models", type=int, default=2)
+    p.add_argument("--arch", choices=("vanilla", "batchtopk"), default="batchtopk")
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--aux-k", type=int, default=0)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    p.add_argument("--world-size", type=int, default=1, help="number of ranks (GPUs)")
+    p.add_argument("--cache-tokens", type=int, default=0, help="tokens of a paired cache to size on disk")
+    p.add_argument("--cache-dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import CrossCoderError
+    from ..train.plan import human, plan
+
+    for name in ("d_model", "dict_size", "batch_size", "n_models", "world_size"):
+        if getattr(args, name) <= 0:
+            raise CrossCoderError(f"--{name.replace('_', '-')}: must be positive")
+    pl = plan(args.d_model, args.dict_size, args.batch_size, args.n_models, args.arch, args.k, args.aux_k,
+              args.dtype, args.world_size, args.cache_tokens, args.cache_dtype)
+    if args.json:
+        print(json.dumps(pl.to_dict()))
+        return 0
+    print(f"parameters          {pl.params:,} ({human(pl.param_bytes)} float32)")
+    print(f"gradients           {human(pl.grad_bytes)}")
+    print(f"Adam state          {human(pl.optimizer_bytes)}")
+    if pl.ddp_bytes:
+        print(f"DDP buckets         {human(pl.ddp_bytes)}")
+    print(f"activations         {human(pl.activation_bytes)} (local batch {pl.local_batch}, {args.dtype})")
+    print(f"total per rank      {human(pl.total_bytes_per_rank)} (+10-20% allocator/framework overhead)")
+    if args.cache_tokens:
+        print(f"cache on disk       {human(pl.cache_bytes)} for {args.cache_tokens:,} tokens ({args.cache_dtype})")
+    return 0

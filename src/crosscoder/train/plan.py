@@ -1,0 +1,66 @@
+"""Memory and disk planner: size a run before paying for it (``crosscoder plan``).
+
+Per rank, with ``P = n_models * d_model * d_latent * 2 + d_latent + n_models * d_model`` parameters and
+a local batch ``b = batch_size / world_size``:
+
+* parameters, gradients: ``P * 4`` bytes each (float32 master weights, also under bfloat16 autocast);
+* Adam state: ``2 * P * 4``; DDP gradient buckets: ``P * 4`` more when ``world_size > 1``;
+* activations (peak of one step, ``a`` = bytes of the compute dtype): vanilla keeps about
+  ``4 * b * d_latent`` values (pre-activations, latents, their gradients) and ``3 * b * n_models * d_model``
+  (input, reconstruction, error); batchtopk keeps ``2 * b * d_latent`` (pre-activations, scores) plus the
+  ``k * b`` selected entries; AuxK adds ``b * d_latent``;
+* a paired cache of N tokens: ``N * n_models * d_model * bytes(dtype) + N * 24`` (the int64 index).
+
+These are estimates (allocator overheads and framework buffers come on top: budget ~10-20% more).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class MemoryPlan:
+    params: int
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    ddp_bytes: int
+    activation_bytes: int
+    total_bytes_per_rank: int
+    local_batch: int
+    cache_bytes: int
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def plan(d_model: int, dict_size: int, batch_size: int, n_models: int = 2, arch: str = "batchtopk", k: int = 32,
+         aux_k: int = 0, dtype: str = "float32", world_size: int = 1, cache_tokens: int = 0,
+         cache_dtype: str = "bfloat16") -> MemoryPlan:
+    """Estimate per-rank memory (bytes) of a training step and the disk of a cache of ``cache_tokens``."""
+    p = 2 * n_models * d_model * dict_size + dict_size + n_models * d_model
+    param = 4 * p
+    b = -(-batch_size // world_size)
+    a = BYTES[dtype]
+    md = n_models * d_model
+    if arch == "vanilla":
+        act = a * (4 * b * dict_size + 3 * b * md)
+    else:
+        act = a * (2 * b * dict_size + 3 * b * md) + 16 * k * b
+    if aux_k:
+        act += a * b * dict_size
+    ddp = param if world_size > 1 else 0
+    total = param + param + 2 * param + ddp + act
+    cache = cache_tokens * (md * BYTES[cache_dtype] + 24)
+    return MemoryPlan(p, param, param, 2 * param, ddp, act, total, b, cache)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"

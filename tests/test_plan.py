@@ -1,0 +1,22 @@
+import json
+
+from crosscoder.cli import main
+from crosscoder.train.plan import plan
+
+
+def test_plan_by_hand():
+    p = plan(d_model=4, dict_size=10, batch_size=8, n_models=2, arch="vanilla", dtype="float32", world_size=2,
+             cache_tokens=100, cache_dtype="bfloat16")
+    n = 2 * 2 * 4 * 10 + 10 + 8
+    assert p.params == n and p.param_bytes == 4 * n and p.optimizer_bytes == 8 * n and p.ddp_bytes == 4 * n
+    assert p.local_batch == 4
+    assert p.activation_bytes == 4 * (4 * 4 * 10 + 3 * 4 * 8)
+    assert p.total_bytes_per_rank == 4 * n * 5 + p.activation_bytes
+    assert p.cache_bytes == 100 * (8 * 2 + 24)
+
+
+def test_plan_cli_json(capsys):
+    assert main(["plan", "--d-model", "2304", "--dict-size", "73728", "--batch-size", "4096", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["params"] == 2 * 2 * 2304 * 73728 + 73728 + 2 * 2304
+    assert main(["plan", "--d-model", "0", "--dict-size", "8"]) == 2
