@@ -1,1 +1,72 @@
-"""Analysis of trained crosscoders (diffing metrics, recovery of planted features)."""
+"""Analysis of trained crosscoders: model-diffing metrics, Latent Scaling, contexts, reports.
+
+Notebook use::
+
+    from crosscoder import CrossCoder
+    from crosscoder.analysis import latent_table, latent_scaling
+    from crosscoder.data.paired import PairedCache
+
+    cc = CrossCoder.from_pretrained("runs/my-run")
+    df = latent_table(cc, PairedCache("caches/my-cache"))       # pandas DataFrame, one row per latent
+    df[df["class"] == "ft_only"].sort_values("freq")
+
+``crosscoder analyze`` (:func:`crosscoder.analysis.pipeline.analyze`) writes the full report.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .recovery import classification_scores, format_recovery, planted_cosines, recovery
+from .scaling import LatentScalingResult, ScalingAccumulator, latent_scaling
+from .table import (
+    ARCH_THRESHOLDS,
+    CLASS_NAMES,
+    Thresholds,
+    class_counts,
+    classify,
+    decoder_metrics,
+    latent_columns,
+    thresholds_for,
+)
+
+
+def latent_table(model: Any, data: Any = None, *, thresholds: Thresholds | None = None,
+                 max_tokens: int | None = 500_000, chunk: int = 1024, seed: int = 0,
+                 device: str = "cpu", as_dict: bool = False) -> Any:
+    """One row per latent: decoder metrics (normalised space), classes, and, when ``data`` is given, firing
+    frequency, mean activation, dead flag and Latent Scaling from one streaming pass.
+
+    ``model``: a :class:`~crosscoder.CrossCoder` (as saved: folded) or a folder to load it from;
+    ``data``: a :class:`~crosscoder.data.paired.PairedCache` or its folder (raw activations), or None for
+    the decoder-only columns. Returns a pandas DataFrame (``as_dict=True``: a dict of numpy arrays).
+    """
+    from pathlib import Path
+
+    import torch
+
+    from ..data.paired import PairedCache
+    from ..model import CrossCoder
+    from .scan import ActivationStats, normalised_model, scan, select_rows
+    from .table import to_dataframe
+
+    if isinstance(model, (str, Path)):
+        model = CrossCoder.from_pretrained(model)
+    t = thresholds or thresholds_for(model.cfg.arch)
+    norm = normalised_model(model).to(device)
+    if data is None:
+        cols = latent_columns(norm, t)
+    else:
+        cache = data if isinstance(data, PairedCache) else PairedCache(data, verify="size")
+        stats = ActivationStats(model.cfg.d_latent, device)
+        accs = [stats, ScalingAccumulator(norm)]
+        with torch.no_grad():
+            scan(norm, cache, select_rows(cache.n_rows, max_tokens, seed), accs,
+                 [float(v) for v in model.norm_scale.tolist()], chunk)
+        cols = latent_columns(norm, t, stats.result(), accs[1].result("ft"), accs[1].result("base"))
+    return cols if as_dict else to_dataframe(cols)
+
+
+__all__ = ["ARCH_THRESHOLDS", "CLASS_NAMES", "LatentScalingResult", "ScalingAccumulator", "Thresholds",
+           "class_counts", "classification_scores", "classify", "decoder_metrics", "format_recovery",
+           "latent_columns", "latent_scaling", "latent_table", "planted_cosines", "recovery", "thresholds_for"]

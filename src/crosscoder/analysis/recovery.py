@@ -74,3 +74,85 @@ def format_recovery(rec: dict[str, Any]) -> str:
     if "exclusive_classified" in rec:
         lines.append(f"  exclusive features in the right class: {100 * rec['exclusive_classified']:.1f}%")
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def planted_cosines(model: CrossCoder, gt: GroundTruth) -> torch.Tensor:
+    """``[d_latent, n_features]`` cosine of each latent's concatenated decoder with each planted vector
+    (both in the crosscoder's normalised space)."""
+    scale = model.norm_scale.detach().cpu().float()
+    planted = (gt.vectors() * scale[None, :, None]).reshape(len(gt.classes), -1)
+    dec = (model.W_dec.detach().cpu().float() * scale[None, :, None]).reshape(model.cfg.d_latent, -1)
+    return torch.nn.functional.normalize(dec, dim=-1) @ torch.nn.functional.normalize(planted, dim=-1).T
+
+
+def classification_scores(classes: Any, model: CrossCoder, gt: GroundTruth, min_cos: float = 0.7,
+                          norm_classes: Any = None) -> dict[str, Any]:
+    """Compare the analysis' latent classes ``[d_latent]`` (``base_only``/``shared``/``ft_only``/``other``)
+    with the planted ground truth.
+
+    * recall: per exclusive planted class, the fraction of planted features whose best latent (highest
+      cosine) is called that class;
+    * precision: of the latents called ``base_only`` / ``ft_only``, the fraction whose best planted
+      feature is of that class with cosine >= ``min_cos``;
+    * ``shared_weak_not_ft_only``: fraction of weakened-shared features whose best latent is not called
+      ``ft_only``, and ``shared_weak_latents``: latents best matching a weakened-shared feature, called
+      ``ft_only`` by norm / finally (Latent Scaling should demote them).
+
+    With ``norm_classes`` (classes by relative norm alone) the same numbers are given for those too.
+    """
+    import numpy as np
+
+    cos = planted_cosines(model, gt)
+    best_feat_cos, best_feat = cos.max(1)  # per latent
+    best_latent = cos.argmax(0).numpy()  # per feature
+    planted = np.array(gt.classes, dtype=object)
+    lat_cls = planted[best_feat.numpy()]
+    good = best_feat_cos.numpy() >= min_cos
+
+    def scores(cls: Any) -> dict[str, Any]:
+        cls = np.asarray(cls, dtype=object)
+        out: dict[str, Any] = {}
+        for c in ("base_only", "ft_only"):
+            feats = np.where(planted == c)[0]
+            called = np.where(cls == c)[0]
+            ok = (lat_cls[called] == c) & good[called]
+            out[c] = {"planted": len(feats), "recall": float(np.mean(cls[best_latent[feats]] == c)) if len(feats) else float("nan"),
+                      "called": len(called), "matching": int(ok.sum()),
+                      "precision": float(ok.mean()) if len(called) else float("nan")}
+        excl = np.where(np.isin(planted, ("base_only", "ft_only")))[0]
+        called = np.where(np.isin(cls, ("base_only", "ft_only")))[0]
+        out["exclusive_recall"] = float(np.mean(cls[best_latent[excl]] == planted[excl])) if len(excl) else float("nan")
+        ok = (lat_cls[called] == cls[called]) & good[called]
+        out["exclusive_precision"] = float(ok.mean()) if len(called) else float("nan")
+        weak = np.where(planted == "shared_weak")[0]
+        if len(weak):
+            out["shared_weak_not_ft_only"] = float(np.mean(cls[best_latent[weak]] != "ft_only"))
+            out["shared_weak_latents_ft_only"] = int(((lat_cls == "shared_weak") & good & (cls == "ft_only")).sum())
+        return out
+
+    res = {"min_cos": min_cos, "final": scores(classes)}
+    if norm_classes is not None:
+        res["norm_only"] = scores(norm_classes)
+        weak_lat = (lat_cls == "shared_weak") & good
+        res["shared_weak_latents"] = {"ft_only_by_norm": int((weak_lat & (np.asarray(norm_classes) == "ft_only")).sum()),
+                                      "ft_only_final": int((weak_lat & (np.asarray(classes) == "ft_only")).sum())}
+    return res
+
+
+def format_scores(res: dict[str, Any]) -> str:
+    """Human-readable lines of :func:`classification_scores`."""
+    lines = [f"classes against the planted ground truth (match: cosine >= {res['min_cos']}):"]
+    for key, label in (("norm_only", "norm alone"), ("final", "with Latent Scaling")):
+        if key not in res:
+            continue
+        s = res[key]
+        lines.append(f"  {label}: exclusive recall {100 * s['exclusive_recall']:.1f}%, "
+                     f"precision {100 * s['exclusive_precision']:.1f}%")
+        for c in ("base_only", "ft_only"):
+            r = s[c]
+            lines.append(f"    {c:<9} recall {100 * r['recall']:.1f}% of {r['planted']} planted; "
+                         f"{r['called']} called, {r['matching']} matching ({100 * r['precision']:.1f}%)")
+        if "shared_weak_not_ft_only" in s:
+            lines.append(f"    weakened-shared features not called ft_only: {100 * s['shared_weak_not_ft_only']:.1f}%")
+    return "\n".join(lines)

@@ -1,0 +1,284 @@
+"""``crosscoder analyze``: the whole model-diffing report of one trained crosscoder.
+
+:func:`analyze` loads the run, streams the paired activations once (activation statistics, Latent
+Scaling along both decoders, top activations, explained variance), builds the latent table and its
+classes, reads the top contexts, runs the spliced-in evaluation when the two models are known, draws
+the figures, and writes ``REPORT_DIR/{latents.parquet, latents.csv, summary.json, report.html, *.png}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import CrossCoderError
+from ..model import CrossCoder
+
+SPACE_NOTE = ("decoder norms, relative norms, delta norms and Latent Scaling are computed in the crosscoder's "
+              "normalised training space (the saved folded weights are unfolded with the recorded norm_scale)")
+
+
+@dataclass
+class AnalyzeConfig:
+    """Options of ``crosscoder analyze`` (the CLI flags)."""
+
+    run_dir: str
+    out: str
+    cache: str | None = None
+    base_data: str | None = None
+    ft_data: str | None = None
+    column: str = "activation"
+    base_model: str | None = None
+    ft_model: str | None = None
+    site: str | None = None
+    eval_data: str | None = None
+    eval_sequences: int = 64
+    eval_batch_size: int = 16
+    spliced: bool = True
+    max_tokens: int | None = 500_000
+    chunk: int = 1024
+    top_k: int = 8
+    context_left: int = 10
+    context_right: int = 3
+    max_cards: int = 1000
+    exclusive_band: float | None = None
+    shared_band: float | None = None
+    nu_error_max: float | None = None
+    nu_reconstruction_max: float | None = None
+    min_active: int | None = None
+    latent_scaling: bool = True
+    min_cos: float = 0.7
+    ground_truth: str | None = None
+    device: str = "cpu"
+    threads: int = 1
+    seed: int = 0
+    overwrite: bool = False
+
+
+def _say_default(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def load_run(run_dir: str | Path) -> tuple[CrossCoder, dict[str, Any]]:
+    """The saved crosscoder and its ``config.json`` (``{}`` for a folder with only the model)."""
+    run_dir = Path(run_dir)
+    model = CrossCoder.from_pretrained(run_dir)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    return model, cfg
+
+
+def resolve_cache(cfg: AnalyzeConfig, run_cfg: dict[str, Any]) -> Any:
+    from .scan import open_pair
+
+    if cfg.cache or cfg.base_data or cfg.ft_data:
+        if (cfg.base_data is None) != (cfg.ft_data is None):
+            raise CrossCoderError("--base-data and --ft-data must be given together")
+        return open_pair(cfg.cache, cfg.base_data, cfg.ft_data, cfg.column), False
+    recorded = (run_cfg.get("source") or {}).get("cache_path")
+    if recorded and Path(recorded).is_dir():
+        return open_pair(recorded), True
+    raise CrossCoderError("analyze: give --cache, or --base-data and --ft-data (the run records no usable cache)")
+
+
+def find_ground_truth(cfg: AnalyzeConfig, cache: Any) -> Path | None:
+    """Planted features of a synthetic pair: ``--ground-truth``, else ``CACHE/ground_truth`` (the built-in
+    pair) or ``ground_truth`` beside ``--base-data`` (``crosscoder synth`` output)."""
+    cands = [Path(cfg.ground_truth)] if cfg.ground_truth else [Path(cache.path) / "ground_truth"]
+    if cfg.base_data and not cfg.ground_truth:
+        cands.append(Path(cfg.base_data).parent / "ground_truth")
+    for c in cands:
+        if (c / "ground_truth.json").is_file():
+            return c
+    if cfg.ground_truth:
+        raise CrossCoderError(f"{cfg.ground_truth}: no ground_truth.json")
+    return None
+
+
+def card_latents(cols: dict[str, np.ndarray], max_cards: int) -> list[int]:
+    """Latents that get contexts: all of them up to ``max_cards``, else norm-exclusive ones first, then by freq."""
+    h = len(cols["latent"])
+    if h <= max_cards:
+        return list(range(h))
+    excl = np.isin(cols["norm_class"], ("base_only", "ft_only")) | np.isin(cols["class"], ("base_only", "ft_only"))
+    order = np.lexsort((-np.nan_to_num(cols["freq"]), ~excl))
+    return sorted(int(i) for i in order[:max_cards])
+
+
+def _tokenizer(spec: str | None, say: Any) -> Any:
+    if not spec:
+        return None
+    from ..data.collect import load_tokenizer
+
+    try:
+        return load_tokenizer(spec)
+    except CrossCoderError as e:
+        say(f"warning: no tokenizer ({e}); contexts show token ids")
+        return None
+
+
+def run_spliced(cfg: AnalyzeConfig, model: CrossCoder, meta: dict[str, Any], base_spec: str, ft_spec: str,
+                site: str, tok: Any, say: Any) -> dict[str, Any]:
+    """Spliced-in evaluation on held-out sequences (``--eval-data``, else the cache's dataset after the
+    sequences it was collected from)."""
+    from ..data.collect import load_site_model
+    from .spliced import heldout_sequences, spliced_eval
+
+    col = meta.get("collect") or {}
+    seq_len = int(col.get("seq_len") or 128)
+    if cfg.eval_data:
+        dataset, skip, held_out = cfg.eval_data, 0, True
+    elif col.get("dataset"):
+        dataset, skip, held_out = col["dataset"], int(meta.get("n_sequences") or 0), True
+    else:
+        raise CrossCoderError("spliced-in evaluation: give --eval-data (held-out text)")
+    column = col.get("text_column", "text") if not cfg.eval_data else "text"
+    seqs = heldout_sequences(dataset, tok, seq_len, cfg.eval_sequences, skip, column, bool(col.get("pack", True)))
+    if not seqs and skip:
+        say(f"warning: {dataset} has no sequences beyond the {skip} collected; evaluating on its last ones "
+            "(not held out from the crosscoder's data)")
+        all_seqs = heldout_sequences(dataset, tok, seq_len, 10**9, 0, column, bool(col.get("pack", True)))
+        seqs, held_out = all_seqs[-cfg.eval_sequences:], False
+    dev = torch.device(cfg.device)
+    base = load_site_model(base_spec, site, tokenizer=tok, device=dev)
+    ft = load_site_model(ft_spec, site, tokenizer=tok, device=dev)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    res = spliced_eval(model.to(dev), base, ft, seqs, pad, tok.bos_token_id, cfg.eval_batch_size)
+    res.update(dataset=dataset, skip=skip, held_out=held_out, site=site)
+    return res
+
+
+def analyze(cfg: AnalyzeConfig, say: Any = _say_default) -> dict[str, Any]:
+    """Run the analysis; returns the summary (also written to ``summary.json``)."""
+    from ..io import atomic_dir, write_json
+    from . import plots
+    from .contexts import TopActivations, build_contexts
+    from .recovery import classification_scores, format_scores, planted_cosines
+    from .report import render_report
+    from .scaling import ScalingAccumulator
+    from .scan import ActivationStats, ReconstructionStats, normalised_model, scan, select_rows
+    from .spliced import format_spliced
+    from .table import class_counts, latent_columns, thresholds_for, write_table
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise CrossCoderError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+    model, run_cfg = load_run(cfg.run_dir)
+    if model.cfg.n_models != 2:
+        raise CrossCoderError(f"{cfg.run_dir}: model diffing needs a two-model crosscoder")
+    cache, recorded = resolve_cache(cfg, run_cfg)
+    say(f"data: {cache.path} ({cache.n_rows:,} rows{', recorded by the run' if recorded else ''})")
+    t = thresholds_for(model.cfg.arch, exclusive_band=cfg.exclusive_band, shared_band=cfg.shared_band,
+                       nu_error_max=cfg.nu_error_max, nu_reconstruction_max=cfg.nu_reconstruction_max,
+                       min_active=cfg.min_active, latent_scaling=cfg.latent_scaling)
+    dev = torch.device(cfg.device)
+    norm = normalised_model(model).to(dev)
+    scale = [float(v) for v in model.norm_scale.tolist()]
+    rows = select_rows(cache.n_rows, cfg.max_tokens, cfg.seed)
+    h = model.cfg.d_latent
+    stats, recon = ActivationStats(h, dev), ReconstructionStats(2)
+    scaling = ScalingAccumulator(norm)
+    top = TopActivations(h, cfg.top_k, dev)
+    say(f"scanning {len(rows):,} tokens (eval mode{', BatchTopK threshold' if model.cfg.arch == 'batchtopk' else ''})")
+    scan(norm, cache, rows, [stats, recon, scaling, top], scale, cfg.chunk)
+    cols = latent_columns(norm, t, stats.result(), scaling.result("ft"), scaling.result("base"))
+    summary: dict[str, Any] = {
+        "run_dir": str(cfg.run_dir), "arch": model.cfg.arch, "d_latent": h, "d_model": model.cfg.d_model,
+        "models": model.cfg.model_names, "site": model.cfg.site or cache.meta.get("site"), "data": str(cache.path),
+        "tokens_scanned": int(len(rows)), "norm_scale": scale, "space": SPACE_NOTE,
+        "thresholds": dataclasses.asdict(t), "reconstruction": recon.result(), "classes": class_counts(cols),
+        "dead": int(cols["dead"].sum()),
+    }
+    gt_text = None
+    gt_path = find_ground_truth(cfg, cache)
+    if gt_path is not None:
+        from ..data.synthetic import GroundTruth
+
+        gt = GroundTruth.load(gt_path)
+        pc = planted_cosines(model, gt)
+        best_cos, best = pc.max(1)
+        cols["planted_feature"] = best.numpy().astype(np.int64)
+        cols["planted_class"] = np.array(gt.classes, dtype=object)[best.numpy()]
+        cols["planted_cos"] = best_cos.numpy().astype(np.float64)
+        scores = classification_scores(cols["class"], model, gt, cfg.min_cos, cols["norm_class"])
+        summary["ground_truth"] = scores
+        gt_text = format_scores(scores)
+        say(gt_text)
+    # Contexts (token text when the cache has token ids and a tokenizer is known).
+    meta = cache.meta
+    col = meta.get("collect") or {}
+    base_spec = cfg.base_model or col.get("base_model")
+    ft_spec = cfg.ft_model or col.get("ft_model")
+    tok = _tokenizer(base_spec, say)
+    has_ids = bool(cache.read_index(np.array([0]))[0, 0] >= 0)
+    vals, top_rows = top.result()
+    contexts = build_contexts(norm, cache, scale, card_latents(cols, cfg.max_cards), vals, top_rows,
+                              tok if has_ids else None, cfg.context_left, cfg.context_right)
+    # Spliced-in evaluation.
+    summary["spliced"] = None
+    site = cfg.site or model.cfg.site or meta.get("site")
+    if cfg.spliced and base_spec and ft_spec and tok is not None and site:
+        say(f"spliced-in evaluation at {site} ({cfg.eval_sequences} held-out sequences)")
+        try:
+            summary["spliced"] = run_spliced(cfg, model, meta, base_spec, ft_spec, site, tok, say)
+            say(format_spliced(summary["spliced"]))
+        except CrossCoderError as e:
+            if cfg.base_model or cfg.ft_model or cfg.eval_data:
+                raise
+            # models recorded by the cache may be gone (another machine); the rest of the report stands
+            summary["spliced_skipped"] = str(e)
+            say(f"warning: spliced-in evaluation skipped: {e}")
+    elif cfg.spliced:
+        summary["spliced_skipped"] = "needs --base-model/--ft-model (or a cache collected from models) and a site"
+        say(f"spliced-in evaluation skipped ({summary['spliced_skipped']})")
+    spliced = summary["spliced"]
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    if out.exists() and cfg.overwrite:
+        shutil.rmtree(out)
+    with atomic_dir(out) as tmp:
+        write_table(cols, tmp)
+        figs = plots.make_plots(cols, tmp, t, Path(cfg.run_dir))
+        info = {k: summary[k] for k in ("run_dir", "arch", "d_latent", "d_model", "models", "site", "data",
+                                        "tokens_scanned", "dead")}
+        info.update({f"explained variance ({k[len('explained_variance_'):] or 'both'})": v
+                     for k, v in summary["reconstruction"].items()})
+        render_report(tmp / "report.html", title=f"Crosscoder diff: {Path(cfg.run_dir).name}", info=info,
+                      counts=summary["classes"], cols=cols, figures=figs, contexts=contexts, spliced=spliced,
+                      ground_truth=gt_text, thresholds=summary["thresholds"], notes=[_class_note(t)])
+        write_json(tmp / "summary.json", _json_safe(summary))
+    _usual_permissions(out)
+    say(f"report: {out / 'report.html'} ({summary['seconds']}s)")
+    return summary
+
+
+def _usual_permissions(out: Path) -> None:
+    """Temporary files and folders are created private (0600/0700); give the report the umask's modes."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    out.chmod(0o777 & ~mask)
+    for f in out.iterdir():
+        f.chmod(0o666 & ~mask)
+
+
+def _class_note(t: Any) -> str:
+    return (f"Classes: relative norm r < {t.exclusive_band} -> base_only, r > {1 - t.exclusive_band:.2f} -> ft_only, "
+            f"|r - 0.5| <= {t.shared_band} -> shared, else other. Norm-exclusive latents keep the call only if they "
+            f"fired on >= {t.min_active} scanned tokens and Latent Scaling gives |nu_error| <= {t.nu_error_max} and "
+            f"|nu_reconstruction| <= {t.nu_reconstruction_max} (nu = other model's beta / own model's beta).")
+
+
+def _json_safe(v: Any) -> Any:
+    from .report import _clean
+
+    return _clean(v)

@@ -1,0 +1,214 @@
+"""``report.html``: one self-contained page (inline CSS, JS, PNGs as data URIs, data as embedded JSON;
+nothing is fetched from the network).
+
+Sections: summary (class counts by norm alone and after Latent Scaling, reconstruction, spliced-in
+evaluation, ground truth when known), the figures, a sortable and filterable latent table, and a card
+per latent (decoder metrics, Latent Scaling, top activating contexts with the activating token
+marked), shown when a row is clicked; the cards of the first rows of the current view are listed
+below the table. Script errors are written into ``#js-errors`` (browser tests read the DOM).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TABLE_COLUMNS = ("latent", "class", "norm_class", "flag", "relative_norm", "delta_norm", "cos_sim", "dec_norm_base",
+                 "dec_norm_ft", "freq", "mean_act", "beta_ratio_error", "beta_ratio_reconstruction",
+                 "beta_ratio_error_mirror", "beta_ratio_reconstruction_mirror", "dead", "planted_class", "planted_cos")
+
+
+def _clean(v: Any) -> Any:
+    """JSON-safe values: NaN/inf -> None, numpy scalars -> Python, floats rounded to 5 significant digits."""
+    if isinstance(v, dict):
+        return {str(k): _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if isinstance(v, (np.bool_, bool)):
+        return bool(v)
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        f = float(v)
+        return None if not math.isfinite(f) else float(f"{f:.5g}")
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def table_rows(cols: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Column-major table data for the page: ``{"columns": [...], "rows": [[...], ...]}``."""
+    names = [c for c in TABLE_COLUMNS if c in cols]
+    rows = [[_clean(cols[c][i].item() if hasattr(cols[c][i], "item") else cols[c][i]) for c in names]
+            for i in range(len(cols["latent"]))]
+    return {"columns": names, "rows": rows}
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img alt="{html.escape(Path(path).stem)}" src="data:image/png;base64,{data}">'
+
+
+def _kv_table(d: dict[str, Any]) -> str:
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in d.items())
+    return f"<table class='kv'>{rows}</table>"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (dict, list)):
+        return json.dumps(_clean(v))
+    return str(v)
+
+
+def _counts_table(counts: dict[str, dict[str, int]]) -> str:
+    head = ("<tr><th>class</th><th>by relative norm alone</th><th>final (after Latent Scaling)</th>"
+            "<th>norm-exclusive kept</th><th>demoted: complete shrinkage</th><th>latent decoupling</th>"
+            "<th>scaling undefined</th><th>too rare</th><th>dead</th></tr>")
+    body = ""
+    for c, r in counts.items():
+        cells = [r.get("norm", ""), r.get("final", ""), r.get("surviving", ""), r.get("complete_shrinkage", ""),
+                 r.get("latent_decoupling", ""), r.get("scaling_undefined", ""), r.get("too_rare", ""), r.get("dead", "")]
+        body += f"<tr><th>{c}</th>" + "".join(f"<td>{v}</td>" for v in cells) + "</tr>"
+    return f"<table class='kv'>{head}{body}</table>"
+
+
+def _spliced_table(sp: dict[str, Any]) -> str:
+    keys = ("ce_clean", "ce_spliced", "ce_zero", "frac_recovered", "kl_spliced", "kl_zero")
+    head = "<tr><th>model</th>" + "".join(f"<th>{k}</th>" for k in keys) + "</tr>"
+    body = "".join(f"<tr><th>{m}</th>" + "".join(f"<td>{_fmt(sp[m][k])}</td>" for k in keys) + "</tr>"
+                   for m in ("base", "ft"))
+    s = sp["ft_swap"]
+    extra = (f"<p>Fine-tuned model with the <b>base</b> reconstruction swapped in: CE {s['ce_base_recon']:.4f} "
+             f"(KL to clean {s['kl_base_recon']:.4f}); with the base model's raw activation: CE "
+             f"{s['ce_base_acts']:.4f} (KL {s['kl_base_acts']:.4f}). {sp['n_sequences']} held-out sequences, "
+             f"{sp['n_predictions']} predictions at replaced positions; held out: {sp.get('held_out', '?')}.</p>")
+    return f"<table class='kv'>{head}{body}</table>{extra}"
+
+
+# Installed before any other script: errors (syntax errors of later scripts included), unhandled
+# rejections and console.error calls are written into #js-errors, which headless tests read from the DOM.
+HOOK = r"""
+(function(){var e=document.getElementById('js-errors');
+function add(s){e.textContent+=s+'\n';e.setAttribute('data-count',String((+e.getAttribute('data-count')||0)+1));}
+window.onerror=function(m,s,l,c){add('error: '+m+' ('+l+':'+c+')');};
+window.addEventListener('unhandledrejection',function(ev){add('unhandled rejection: '+ev.reason);});
+var ce=console.error;console.error=function(){add('console.error: '+Array.prototype.join.call(arguments,' '));ce.apply(console,arguments);};
+})();
+"""
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1400px;padding:12px 20px;color:#222}
+h1{font-size:22px}h2{font-size:18px;border-bottom:1px solid #ddd;padding-bottom:3px;margin-top:26px}
+.kv{border-collapse:collapse;font-size:13px;margin:6px 0}.kv th,.kv td{border:1px solid #ddd;padding:3px 8px;text-align:left}
+.figs img{max-width:48%;margin:4px;border:1px solid #eee}.note{color:#555;font-size:13px}
+#controls{display:flex;gap:12px;flex-wrap:wrap;align-items:center;font-size:13px;margin:8px 0}
+#latents{border-collapse:collapse;font-size:12px;width:100%}#latents th{position:sticky;top:0;background:#f4f4f4;cursor:pointer;user-select:none}
+#latents th,#latents td{border:1px solid #e2e2e2;padding:2px 6px;text-align:right;white-space:nowrap}
+#latents tr:hover td{background:#fffbe6}#latents tr.sel td{background:#ffe9a8}
+.c-base_only{color:#1f77b4;font-weight:600}.c-ft_only{color:#d62728;font-weight:600}.c-shared{color:#2ca02c}.c-other{color:#888}
+.card{border:1px solid #ccc;border-radius:6px;padding:8px 12px;margin:8px 0;font-size:13px}
+.ctx{font-family:ui-monospace,Menlo,Consolas,monospace;white-space:pre-wrap;margin:3px 0;padding:2px 4px;background:#fafafa;font-size:12px}
+.tok{border-radius:2px}.mark{outline:2px solid #d62728}.meta{color:#666;font-size:11px}
+#js-errors{color:#b00;white-space:pre-wrap}body.table-view .overview{display:none}
+"""
+
+JS = r"""
+(function(){
+const D=JSON.parse(document.getElementById('report-data').textContent);
+const cols=D.table.columns, rows=D.table.rows, ci={}; cols.forEach((c,i)=>ci[c]=i);
+let sortCol=ci['relative_norm'], sortDir=-1, view=[];
+const fmt=v=>v===null||v===undefined?'':(typeof v==='number'&&!Number.isInteger(v)?v.toPrecision(4):String(v));
+function esc(s){return String(s).replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));}
+function head(){const tr=document.getElementById('thead');tr.innerHTML='';cols.forEach((c,i)=>{const th=document.createElement('th');
+ th.textContent=c+(i===sortCol?(sortDir>0?' \u25b2':' \u25bc'):'');th.onclick=()=>{sortDir=(i===sortCol)?-sortDir:-1;sortCol=i;render();};tr.appendChild(th);});}
+function filtered(){const cls=document.getElementById('f-class').value, nc=document.getElementById('f-norm').value,
+ fl=document.getElementById('f-flag').value, mf=parseFloat(document.getElementById('f-freq').value)||0,
+ q=document.getElementById('f-latent').value.trim(), alive=document.getElementById('f-alive').checked;
+ return rows.filter(r=>(!cls||r[ci['class']]===cls)&&(!nc||r[ci['norm_class']]===nc)&&(!fl||(fl==='any'?r[ci['flag']]!=='':r[ci['flag']]===fl))
+  &&((r[ci['freq']]||0)>=mf)&&(!alive||!r[ci['dead']])&&(!q||String(r[ci['latent']]).startsWith(q)));}
+function render(){head();view=filtered();view.sort((a,b)=>{const x=a[sortCol],y=b[sortCol];if(x===y)return 0;if(x===null)return 1;if(y===null)return -1;return (x<y?-1:1)*sortDir;});
+ const limit=parseInt(document.getElementById('f-limit').value)||200, tb=document.getElementById('tbody');
+ tb.innerHTML=view.slice(0,limit).map(r=>'<tr data-l="'+r[ci['latent']]+'">'+cols.map(c=>{const v=r[ci[c]];
+  return '<td'+(c==='class'||c==='norm_class'?' class="c-'+v+'"':'')+'>'+esc(fmt(v))+'</td>';}).join('')+'</tr>').join('');
+ document.getElementById('count').textContent=view.length+' of '+rows.length+' latents (showing '+Math.min(limit,view.length)+')';
+ tb.querySelectorAll('tr').forEach(tr=>tr.onclick=()=>{tb.querySelectorAll('tr.sel').forEach(t=>t.classList.remove('sel'));tr.classList.add('sel');
+  document.getElementById('card').innerHTML=card(parseInt(tr.dataset.l));});
+ const n=parseInt(document.getElementById('f-cards').value)||0;
+ document.getElementById('cards').innerHTML=view.slice(0,n).map(r=>card(r[ci['latent']])).join('');}
+function ctxHtml(c){const mx=Math.max(1e-9,...c.acts);return c.tokens.map((t,i)=>{const a=Math.max(0,c.acts[i])/mx;
+ return '<span class="tok'+(i===c.mark?' mark':'')+'" title="act '+fmt(c.acts[i])+'" style="background:rgba(255,140,0,'+a.toFixed(2)+')">'+esc(t).replace(/\n/g,'\u21b5')+'</span>';}).join('');}
+function card(l){const r=rows.find(x=>x[ci['latent']]===l);if(!r)return '';const ctx=(D.contexts||{})[l];
+ let h='<div class="card"><b>latent '+l+'</b> &mdash; <span class="c-'+r[ci['class']]+'">'+r[ci['class']]+'</span>'+(r[ci['flag']]?' (flag: '+r[ci['flag']]+')':'')+
+ '<div class="meta">'+['relative_norm','delta_norm','cos_sim','dec_norm_base','dec_norm_ft','freq','mean_act','beta_ratio_error','beta_ratio_reconstruction','planted_class','planted_cos']
+ .filter(c=>c in ci).map(c=>c+' '+esc(fmt(r[ci[c]]))).join(' &middot; ')+'</div>';
+ if(ctx===undefined)h+='<div class="meta">no contexts stored for this latent (see max_cards)</div>';
+ else if(!ctx.length)h+='<div class="meta">never fired on the scanned tokens</div>';
+ else h+=ctx.map(c=>'<div class="ctx">'+ctxHtml(c)+'</div><div class="meta">act '+fmt(c.act)+' &middot; row '+c.row+' seq '+c.seq+' pos '+c.pos+
+  ' &middot; projection on the latent direction: base '+fmt(c.proj_base)+', fine-tuned '+fmt(c.proj_ft)+'</div>').join('');
+ return h+'</div>';}
+['f-class','f-norm','f-flag','f-freq','f-latent','f-alive','f-limit','f-cards'].forEach(id=>{const e=document.getElementById(id);e.oninput=render;e.onchange=render;});
+render();
+if(location.hash==='#table'){document.body.classList.add('table-view');const f=document.querySelector('#tbody tr');if(f)f.click();}
+document.getElementById('status').textContent='ready';
+})();
+"""
+
+
+def render_report(path: Path, *, title: str, info: dict[str, Any], counts: dict[str, dict[str, int]],
+                  cols: dict[str, np.ndarray], figures: dict[str, Path], contexts: dict[int, list[dict[str, Any]]],
+                  spliced: dict[str, Any] | None = None, ground_truth: str | None = None,
+                  thresholds: dict[str, Any] | None = None, notes: list[str] | None = None) -> Path:
+    """Write the page to ``path`` (atomically)."""
+    from ..io import atomic_path
+
+    data = {"table": table_rows(cols), "contexts": {str(k): v for k, v in contexts.items()}}
+    payload = json.dumps(_clean(data), separators=(",", ":")).replace("</", "<\\/")
+    opts = lambda vals: "<option value=''>all</option>" + "".join(f"<option>{v}</option>" for v in vals)  # noqa: E731
+    figs = "".join(_img(p) for p in figures.values())
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1><div id='js-errors' data-count='0'></div><script>{HOOK}</script>",
+        "<div class='note'>status: <span id='status'>loading</span></div>",
+        "<div class='overview'><h2>Summary</h2>", _kv_table(info),
+        "<p class='note'>Decoder norms, relative norms, Δnorm and Latent Scaling are computed in the crosscoder's "
+        "normalised training space: the saved (folded) weights are unfolded with the recorded norm_scale factors.</p>",
+        "<h3>Latent classes</h3>", _counts_table(counts),
+    ]
+    if thresholds:
+        parts += ["<p class='note'>Thresholds: " + html.escape(json.dumps(_clean(thresholds))) + "</p>"]
+    for n in notes or []:
+        parts.append(f"<p class='note'>{html.escape(n)}</p>")
+    if spliced:
+        parts += ["<h3>Spliced-in evaluation</h3>", _spliced_table(spliced)]
+    if ground_truth:
+        parts += ["<h3>Planted ground truth</h3>", f"<pre>{html.escape(ground_truth)}</pre>"]
+    parts += [
+        "<h2>Figures</h2>", f"<div class='figs'>{figs}</div></div>",
+        "<h2 id='latents-section'>Latents</h2><div id='controls'>",
+        f"<label>class <select id='f-class'>{opts(('base_only', 'shared', 'ft_only', 'other'))}</select></label>",
+        f"<label>class by norm <select id='f-norm'>{opts(('base_only', 'shared', 'ft_only', 'other'))}</select></label>",
+        f"<label>flag <select id='f-flag'>{opts(('any', 'complete_shrinkage', 'latent_decoupling', 'scaling_undefined', 'too_rare', 'dead'))}</select></label>",
+        "<label>min freq <input id='f-freq' type='number' step='0.0001' value='0' style='width:80px'></label>",
+        "<label>latent # <input id='f-latent' style='width:70px'></label>",
+        "<label><input id='f-alive' type='checkbox' checked> live only</label>",
+        "<label>rows <input id='f-limit' type='number' value='200' style='width:70px'></label>",
+        "<label>cards <input id='f-cards' type='number' value='12' style='width:60px'></label>",
+        "<span id='count'></span></div>",
+        "<div id='card'><p class='note'>Click a row to show its card.</p></div>",
+        "<div style='max-height:520px;overflow:auto'><table id='latents'><thead><tr id='thead'></tr></thead><tbody id='tbody'></tbody></table></div>",
+        "<h2>Latent cards (first rows of the current view)</h2><div id='cards'></div>",
+        f"<script type='application/json' id='report-data'>{payload}</script>",
+        f"<script>{JS}</script></body></html>",
+    ]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(parts), encoding="utf-8")
+    return path
