@@ -128,6 +128,17 @@ def pair_to_cache(base_spec: str, ft_spec: str, column: str = "activation", skip
     target = Path(out) if out is not None else cache_root() / "converted" / f"{fp}{'-skip' if skip_nonfinite else ''}"
     if (target / "meta.json").exists():
         return PairedCache(target, verify=verify)
+    try:
+        _convert(base, ft, base_spec, ft_spec, column, d_base, skip_nonfinite, target, chunk, fp)
+    except OSError:  # another process converted the same pair first (same fingerprint, same result)
+        if not (target / "meta.json").exists():
+            raise
+    return PairedCache(target, verify=verify)
+
+
+def _convert(base: Any, ft: Any, base_spec: str, ft_spec: str, column: str, d: int, skip_nonfinite: bool,
+             target: Path, chunk: int, fp: str) -> None:
+    d_base = d_ft = d
     skipped = 0
     with atomic_dir(target) as tmp:
         w = PairedCacheWriter(tmp, 2, d_base, "float32", meta={
@@ -152,4 +163,3 @@ def pair_to_cache(base_spec: str, ft_spec: str, column: str = "activation", skip
         if w.rows_written + w._pending == 0:
             raise DataError(f"--base-data {base_spec}: no finite rows left")
         w.close({"skipped_nonfinite": skipped})
-    return PairedCache(target, verify=verify)

@@ -37,7 +37,11 @@ def synthetic_cache(cfg: RunConfig) -> PairedCache:
     key = hashlib.sha256(json.dumps([asdict(scfg), rows]).encode()).hexdigest()[:16]
     path = cache_root() / "synthetic" / key
     if not (path / "meta.json").exists():
-        write_cache(scfg, rows, path)
+        try:
+            write_cache(scfg, rows, path)
+        except OSError:  # another process (or rank) finished the same deterministic cache first
+            if not (path / "meta.json").exists():
+                raise
     return PairedCache(path, verify="size")
 
 
