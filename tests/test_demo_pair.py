@@ -1,0 +1,108 @@
+"""The offline model pair and the command-line pipeline: demo, sites, collect -> train --cache, export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest_collect import cache_root, corpus, tiny_pair
+
+from crosscoder.cli import main
+from crosscoder.data.demo_pair import SMALL, build_demo_pair
+from crosscoder.data.paired import PairedCache
+
+torch.set_num_threads(1)
+
+
+def test_pair_is_cached_loadable_and_really_fine_tuned() -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pair = tiny_pair()
+    stamp = (pair.base / "model.safetensors").stat().st_mtime_ns
+    again = build_demo_pair(SMALL, root=cache_root() / "demo_pair")
+    assert again.root == pair.root and (pair.base / "model.safetensors").stat().st_mtime_ns == stamp
+    assert pair.root.name == SMALL.key()
+    tok = AutoTokenizer.from_pretrained(pair.ft)
+    base, ft = (AutoModelForCausalLM.from_pretrained(p) for p in (pair.base, pair.ft))
+    assert tok.bos_token_id is not None and len(tok) == SMALL.vocab_size and tok.chat_template
+    assert base.config.n_layer == SMALL.n_layer and base.config.n_embd == SMALL.n_embd
+    assert not torch.equal(base.transformer.h[0].mlp.c_fc.weight, ft.transformer.h[0].mlp.c_fc.weight)
+    loss = pair.info["eval_loss"]
+    assert loss["ft_code"] < loss["base_code"]  # the fine-tune learned code
+    domains = {json.loads(line)["domain"] for line in pair.corpus.read_text().splitlines()}
+    assert domains == {"prose", "code"}
+
+
+def test_sites_lists_module_paths_with_shapes(capsys: pytest.CaptureFixture) -> None:
+    assert main(["sites", str(tiny_pair().base)]) == 0
+    out = capsys.readouterr().out
+    assert "transformer.h.0 " in out and "transformer.h.1.mlp " in out
+    line = next(s for s in out.splitlines() if s.startswith("transformer.h.1 "))
+    assert line.split()[1:] == ["GPT2Block", "[B,", "T,", "32]"]
+    assert main(["sites", str(tiny_pair().base), "--filter", "attn"]) == 0
+    assert "tuple([B, T, 32], ...)" in capsys.readouterr().out
+
+
+def test_collect_train_cache_from_pretrained_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from crosscoder.model import CrossCoder
+
+    pair = tiny_pair()
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    args = ["collect", "--base-model", str(pair.base), "--ft-model", str(pair.ft), "--site", "transformer.h.1",
+            "--dataset", str(corpus()), "--num-tokens", "6000", "--seq-len", "32", "--batch-size", "16",
+            "--dtype", "bfloat16", "--out", str(cache), "--shard-mb", "0.1", "--no-progress"]
+    assert main(args + ["--dry-run"]) == 0 and not cache.exists()
+    assert "disk estimate" in capsys.readouterr().out
+    assert main(args) == 0
+    assert main(args) == 2 and "--resume" in capsys.readouterr().err  # existing OUT is refused
+    c = PairedCache(cache)
+    assert c.n_rows == 6000 and c.dtype == "bfloat16" and len(c.meta["shards"]) > 1
+    assert [m["name"] for m in c.meta["models"]] == [str(pair.base), str(pair.ft)]
+    assert main(["train", "--cache", str(cache), "--out", str(run), "--arch", "batchtopk", "--d-latent", "128",
+                 "--k", "8", "--num-tokens", "40000", "--batch-size", "256", "--lr", "3e-3", "--val-tokens", "512",
+                 "--wandb", "off", "--no-progress", "--val-every", "50", "--log-every", "50"]) == 0
+    model = CrossCoder.from_pretrained(run)
+    assert model.cfg.model_names == [str(pair.base), str(pair.ft)] and model.cfg.site == "transformer.h.1"
+    np.testing.assert_allclose(model.cfg.norm_scale, c.norm_scale(), rtol=1e-5)
+    x = c.read(np.arange(2000))  # raw activations: normalisation is folded into the saved model
+    x_hat, _ = model(x)
+    ev = 1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    assert ev > 0.1
+
+
+def test_export_writes_two_aligned_datasets_train_reads(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from crosscoder.data.hf import pair_to_cache
+
+    pair = tiny_pair()
+    cache = tmp_path / "cache"
+    assert main(["collect", "--base-model", str(pair.base), "--ft-model", str(pair.ft), "--site", "transformer.h.0",
+                 "--dataset", str(corpus()), "--num-tokens", "900", "--dtype", "float16", "--out", str(cache),
+                 "--no-progress"]) == 0
+    assert main(["export", str(cache), str(tmp_path / "hf")]) == 0
+    assert "--base-data" in capsys.readouterr().out
+    assert main(["export", str(cache), str(tmp_path / "hf")]) == 2  # exists
+    back = pair_to_cache(str(tmp_path / "hf" / "base"), str(tmp_path / "hf" / "ft"), out=tmp_path / "back")
+    c = PairedCache(cache)
+    rows = np.arange(c.n_rows)
+    assert back.n_rows == c.n_rows
+    torch.testing.assert_close(back.read(rows), c.read(rows), atol=0, rtol=0)
+    import datasets
+
+    ds = datasets.load_from_disk(str(tmp_path / "hf" / "ft"))
+    np.testing.assert_array_equal(np.array(ds["token_id"]), c.read_index(rows)[:, 0])
+
+
+def test_demo_command_small(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    tiny_pair()
+    monkeypatch.setenv("CROSSCODER_CACHE_DIR", str(cache_root()))  # where tiny_pair() built the SMALL pair
+    assert main(["demo", "--small", "--out", str(tmp_path / "demo"), "--num-tokens", "5000", "--train-tokens",
+                 "20000", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "== crosscoder demo ==" in out and "explained variance" in out and "L0" in out
+    for label in ("base-only", "shared", "ft-only", "dead", "r histogram"):
+        assert label in out
+    assert "building the demo pair" not in out  # cached
+    assert (tmp_path / "demo" / "crosscoder" / "model.safetensors").is_file()
