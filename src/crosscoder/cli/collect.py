@@ -52,5 +52,20 @@ def run(args: argparse.Namespace) -> int:
 
     names = {f.name for f in dataclasses.fields(CollectConfig)}
     cfg = CollectConfig(**{k: v for k, v in vars(args).items() if k in names})
-    collect(cfg)
+    from ..distributed import from_env
+
+    d = from_env()
+    if not d.enabled:
+        collect(cfg)
+        return 0
+    # torchrun: each rank collects its share of the sequences; rank 0 merges one cache.
+    import torch.distributed as dist
+
+    from ..data.collect_dist import collect_distributed
+
+    dist.init_process_group(backend="gloo")  # only barriers cross ranks; activations go to disk
+    try:
+        collect_distributed(cfg, d)
+    finally:
+        dist.destroy_process_group()
     return 0

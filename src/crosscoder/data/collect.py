@@ -324,10 +324,12 @@ def _check_resume(meta: dict[str, Any], record: dict[str, Any], out: str) -> Non
 
 
 def collect(cfg: CollectConfig, on_batch: Callable[[int], None] | None = None,
-            say: Callable[[str], None] = print) -> dict[str, Any]:
+            say: Callable[[str], None] = print, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
     """Run a collection into ``cfg.out`` (resumable); returns a summary dict.
 
     ``on_batch(rows_total)`` is called after every model batch (tests use it to measure memory).
+    ``rank``/``world_size``: collect only the sequences with ``seq_id % world_size == rank``
+    (see :mod:`crosscoder.data.collect_dist`).
     """
     from .. import __version__
     from .paired import PairedCache, PairedCacheWriter
@@ -394,7 +396,8 @@ def collect(cfg: CollectConfig, on_batch: Callable[[int], None] | None = None,
 
     bar = tqdm(total=cfg.num_tokens, initial=total, unit="tok", desc="collect", disable=not cfg.progress)
     n_seq = 0
-    for acts, index in collector.iter_rows(sequence_slice(sequences(), start=max(last_seq, 0)), cfg.batch_size):
+    for acts, index in collector.iter_rows(
+            sequence_slice(sequences(), start=max(last_seq, 0), rank=rank, world_size=world_size), cfg.batch_size):
         if last_seq >= 0:
             new = (index[:, 1] > last_seq) | (index[:, 2] > last_pos)
             acts, index = acts[new], index[new]
