@@ -7,7 +7,9 @@ from a :class:`~crosscoder.data.paired.PairedCache`:
 * the remaining rows are shuffled per epoch with ``seed`` (epoch ``e`` uses ``[seed, e]``), so batch
   ``t`` is a pure function of ``(seed, t)`` and resume only needs ``t`` (``state_dict``);
 * a background thread reads ahead ``prefetch`` batches from the memory maps; rows are multiplied by the
-  per-model ``norm_scale`` so that batches arrive in the normalised training space.
+  per-model ``norm_scale`` so that batches arrive in the normalised training space;
+* under ``torchrun``, rank ``r`` of ``W`` serves rows ``[r*B/W, (r+1)*B/W)`` of each global batch of ``B``
+  rows, so the union over ranks is exactly the single-process batch and the state is rank-independent.
 """
 
 from __future__ import annotations
@@ -55,8 +57,14 @@ class CacheBatches:
 
     def __init__(self, cache: PairedCache, batch_size: int, seed: int, norm_scale: list[float],
                  val_tokens: int = 0, prefetch: int = 4, device: str | torch.device = "cpu",
-                 info: dict[str, Any] | None = None) -> None:
+                 info: dict[str, Any] | None = None, rank: int = 0, world_size: int = 1) -> None:
+        if batch_size % world_size:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"batch_size: {batch_size} is not divisible by the number of ranks ({world_size})")
         self.cache, self.batch_size, self.seed = cache, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.local_batch = batch_size // world_size
         self.n_models, self.d_model = cache.n_models, cache.d_model
         self.norm_scale = list(norm_scale)
         self.info = dict(info or {})
@@ -86,7 +94,8 @@ class CacheBatches:
         return self._perm[j * self.batch_size:(j + 1) * self.batch_size]
 
     def _make(self, t: int) -> torch.Tensor:
-        x = self.cache.read(self.rows_for(t))
+        lo = self.rank * self.local_batch
+        x = self.cache.read(self.rows_for(t)[lo:lo + self.local_batch])
         x.mul_(self._scale)
         if self.device.type == "cuda":
             return x.pin_memory()
@@ -128,7 +137,9 @@ class CacheBatches:
         return x.to(self.device, non_blocking=True)
 
     def val_batches(self) -> Iterator[torch.Tensor]:
-        for i in range(0, len(self.val_rows), self.batch_size):
+        """This rank's share of the held-out rows (rank r takes every world_size-th batch)."""
+        starts = range(0, len(self.val_rows), self.batch_size)
+        for i in list(starts)[self.rank::self.world_size]:
             x = self.cache.read(self.val_rows[i:i + self.batch_size])
             yield x.mul_(self._scale).to(self.device)
 

@@ -99,7 +99,9 @@ class CrossCoder(nn.Module):
 
     @torch.no_grad()
     def update_threshold(self, kept_scores: torch.Tensor) -> None:
-        """EMA of the smallest positive kept score (no host synchronisation)."""
+        """EMA of the smallest positive kept score (no host synchronisation); no-op on an empty set."""
+        if kept_scores.numel() == 0:
+            return
         pos = torch.where(kept_scores > 0, kept_scores, torch.full_like(kept_scores, float("inf")))
         smallest = pos.min().to(self.threshold.dtype)
         beta = self.cfg.threshold_beta

@@ -13,6 +13,7 @@ import torch
 from ..config import RunConfig
 from ..data.loader import BatchSource, CacheBatches
 from ..data.paired import PairedCache
+from ..distributed import LOCAL, Dist
 from ..errors import DataError
 
 SYNTH_MAX_ROWS = 2_000_000
@@ -45,10 +46,14 @@ def synthetic_cache(cfg: RunConfig) -> PairedCache:
     return PairedCache(path, verify="size")
 
 
-def make_source(cfg: RunConfig, device: torch.device) -> tuple[BatchSource, dict[str, Any]]:
-    """Build the run's batch source; also returns information recorded in ``config.json``."""
+def make_source(cfg: RunConfig, device: torch.device, dist: Dist = LOCAL) -> tuple[BatchSource, dict[str, Any]]:
+    """Build the run's batch source (this rank's share under torchrun); also returns information
+    recorded in ``config.json``."""
     d = cfg.data
     if d.base_model or d.ft_model or d.dataset:
+        if dist.enabled:
+            raise DataError("on-the-fly training runs on one process; under torchrun, `crosscoder collect` "
+                            "a cache first and train with --cache")
         missing = [n for n in ("base_model", "ft_model", "site", "dataset") if not getattr(d, n)]
         if missing:
             raise DataError("on-the-fly training needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
@@ -82,7 +87,7 @@ def make_source(cfg: RunConfig, device: torch.device) -> tuple[BatchSource, dict
     scale = (estimate_norm_scale(cache, d.norm_sample_tokens, cfg.train.seed) if d.norm_scaling
              else [1.0] * cache.n_models)
     src = CacheBatches(cache, cfg.train.batch_size, cfg.train.seed, scale, val_tokens=cfg.train.val_tokens,
-                       prefetch=d.prefetch, device=device, info=info)
+                       prefetch=d.prefetch, device=device, info=info, rank=dist.rank, world_size=dist.world_size)
     return src, info
 
 

@@ -1,6 +1,7 @@
 """The training loop: Adam + LambdaLR, L1 warm-up, clipping, AuxK, logging, validation, checkpoints.
 
-``run_training(cfg, out)`` is the one path used by ``crosscoder train``, the demo and the tests.
+``run_training(cfg, out)`` is the one path used by ``crosscoder train``, the demo and the tests; the
+optimisation step itself is :class:`TrainStep`, which ``crosscoder bench`` times.
 Metrics stay on the device and are read once per ``log_every`` steps (one host sync per log).
 Validation runs in eval mode under ``no_grad`` and touches no training state (counters, threshold,
 RNG, data position), so it never changes the trained weights.
@@ -19,9 +20,12 @@ from typing import Any
 
 import torch
 
-from ..config import RunConfig
+from ..config import RunConfig, TrainConfig
+from ..distributed import LOCAL, Dist, setup, teardown
 from ..errors import CrossCoderError
 from ..model import CrossCoder, compute_loss
+from ..model.workspace import big_kernels, serial_small_ops
+from . import ddp
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
 from .logging import MetricsLogger
 from .schedules import l1_coeff_at, lr_lambda
@@ -87,22 +91,117 @@ def run_training(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, re
     out = Path(out)
     check_out(out, overwrite, resume)
     torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
-    source, info = make_source(cfg, device)  # validates the data before OUT is touched
+    d, device = setup(cfg.train.device)  # torchrun: process group from the environment
     try:
-        if overwrite and not resume and out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        return _Loop(cfg, out, source, info, device, resume, stop_after_steps).run()
+        d.barrier()  # every rank checked OUT before rank 0 creates it
+        if d.enabled and not d.is_main:
+            d.barrier()  # rank 0 builds a synthetic/converted cache first
+        source, info = make_source(cfg, device, d)  # validates the data before OUT is touched
+        if d.enabled and d.is_main:
+            d.barrier()
+        try:
+            if d.is_main:
+                if overwrite and not resume and out.exists():
+                    shutil.rmtree(out)
+                out.mkdir(parents=True, exist_ok=True)
+            d.barrier()
+            return _Loop(cfg, out, source, info, device, resume, stop_after_steps, d).run()
+        finally:
+            source.close()
     finally:
-        source.close()
+        teardown(d)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], tc: TrainConfig, device: torch.device) -> torch.optim.Adam:
+    """Adam; the fused kernel (one pass per parameter) on CPU and CUDA float32 parameters."""
+    fused = device.type in ("cpu", "cuda") and all(p.dtype == torch.float32 for p in params)
+    return torch.optim.Adam(params, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=fused or None)
+
+
+class TrainStep:
+    """One optimisation step: forward, losses, backward, clipping, Adam, LR schedule, dead-latent counters.
+
+    No host synchronisation on CUDA: metrics are stacked into one device vector per step, summed on the
+    device and read by :meth:`read_metrics` (once per log). ``dtype="bfloat16"`` runs the forward under
+    autocast with float32 master weights; on CUDA TF32 matmuls are allowed for float32. On CPU with
+    several torch threads, only the large kernels (GEMMs, passes over ``[batch, d_latent]``, Adam) run
+    multi-threaded, the many small ones on one thread (:func:`~crosscoder.model.workspace.serial_small_ops`).
+    """
+
+    def __init__(self, model: CrossCoder, tc: TrainConfig, total_steps: int, device: torch.device,
+                 dist: Dist | None = None) -> None:
+        self.model, self.tc, self.total, self.device = model, tc, total_steps, device
+        self.dist = dist or LOCAL
+        self.aux_k = tc.resolved_aux_k(model.cfg.arch)
+        self.params = list(model.parameters())
+        self.opt = make_optimizer(self.params, tc, device)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(total_steps, tc.lr_warmup_frac,
+                                                                             tc.lr_decay_frac))
+        self.since_fired = torch.zeros(model.cfg.d_latent, dtype=torch.long, device=device)
+        self.loss_fn = torch.compile(compute_loss) if tc.compile else compute_loss
+        self.forward = ddp.wrap(model, self.dist, device, self.loss_fn)  # DDP under torchrun
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.keys: list[str] = []
+        self.acc: torch.Tensor | None = None
+        self.n_acc = 0
+
+    def autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.tc.dtype == "bfloat16")
+
+    def __call__(self, x: torch.Tensor, step: int) -> float:
+        """Train on ``x [batch, n_models, d_model]`` at step ``step`` (0-based); returns the L1 coefficient."""
+        # Compiled steps keep torch's threading (their kernels are fused and large).
+        threads = torch.get_num_threads() if self.device.type == "cpu" and not self.tc.compile else 1
+        with serial_small_ops(threads):
+            return self._step(x, step)
+
+    def _step(self, x: torch.Tensor, step: int) -> float:
+        tc = self.tc
+        l1 = l1_coeff_at(step, self.total, tc.l1_coeff, tc.l1_warmup_frac)
+        dead = self.since_fired >= tc.dead_tokens
+        d = self.dist
+        kw = dict(l1_coeff=l1, l2=tc.l2_loss, aux_k=self.aux_k, aux_coeff=tc.aux_coeff, dead=dead)
+        if d.enabled:
+            kw.update(dist_sum=d.all_reduce_sum, world_size=d.world_size)
+        with self.autocast():
+            loss, metrics, latents = self.forward(x, kw)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with big_kernels():
+            gnorm = (torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm) if tc.max_grad_norm > 0
+                     else torch.zeros((), device=self.device))
+            self.opt.step()
+        self.sched.step()
+        fired = ddp.global_fired(latents.fired(), d)
+        self.since_fired.add_(x.shape[0] * d.world_size).masked_fill_(fired, 0)
+        metrics["grad_norm"] = gnorm.detach()
+        metrics["dead_fraction"] = dead.float().mean()
+        vec = torch.stack([v.float() for v in metrics.values()])
+        if self.acc is None:
+            self.keys, self.acc = list(metrics), vec
+        else:
+            self.acc = self.acc + vec
+        self.n_acc += 1
+        return l1
+
+    def read_metrics(self) -> dict[str, float]:
+        """Mean of each metric since the last read (one host read); resets the accumulator."""
+        if self.acc is None:
+            return {}
+        vals = ddp.mean_over_ranks(self.acc / self.n_acc, self.dist).tolist()
+        out = dict(zip(self.keys, vals, strict=True))
+        self.acc, self.n_acc = None, 0
+        return out
 
 
 class _Loop:
     def __init__(self, cfg: RunConfig, out: Path, source: Any, info: dict[str, Any], device: torch.device,
-                 resume: bool, stop_after: int | None) -> None:
+                 resume: bool, stop_after: int | None, dist: Dist = LOCAL) -> None:
         tc = cfg.train
         self.cfg, self.out, self.source, self.device, self.stop_after = cfg, out, source, device, stop_after
+        self.dist = dist
         cfg.model.n_models, cfg.model.d_model = source.n_models, source.d_model
         cfg.model.norm_scale = None
         cfg.model.model_names = info.get("model_names") or cfg.model.model_names
@@ -115,9 +214,8 @@ class _Loop:
         gen = torch.Generator().manual_seed(tc.seed)
         self.model = CrossCoder(dataclasses.replace(cfg.model), generator=gen).to(device)
         self.model.train()
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2))
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(self.total, tc.lr_warmup_frac, tc.lr_decay_frac))
-        self.since_fired = torch.zeros(cfg.model.d_latent, dtype=torch.long, device=device)
+        self.train_step = TrainStep(self.model, tc, self.total, device, dist)
+        self.opt, self.sched, self.since_fired = self.train_step.opt, self.train_step.sched, self.train_step.since_fired
         self.step, self.first_batch = 0, None
         if resume and list_checkpoints(out):
             self._restore(list_checkpoints(out)[-1][1])
@@ -125,7 +223,6 @@ class _Loop:
             self.first_batch = source.next_batch()
             with torch.no_grad():
                 self.model.b_dec.copy_(geometric_median(self.first_batch))
-        self.loss_fn = torch.compile(compute_loss) if tc.compile else compute_loss
 
     # ------------------------------------------------------------------ state
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -147,7 +244,9 @@ class _Loop:
         self.source.load_state_dict(ck["state"]["data"])
         self.step = int(ck["state"]["step"])
 
-    def _save(self) -> Path:
+    def _save(self) -> Path | None:
+        if not self.dist.is_main:  # rank 0 alone writes checkpoints
+            return None
         state = {"step": self.step, "tokens": self.step * self.cfg.train.batch_size, "data": self.source.state_dict()}
         return save_checkpoint(self.out, self.step, self._tensors(), self.opt, self.sched, state,
                                self.cfg.train.keep_checkpoints)
@@ -157,6 +256,16 @@ class _Loop:
         d["norm_scale"] = self.norm_scale
         d.update(extra)
         return d
+
+    def _should_stop(self, signum: int | None, log_step: bool) -> bool:
+        """A signal or ``stop_after``; under torchrun ranks agree at log steps (no per-step sync)."""
+        requested = self.stop_after is not None and self.step >= self.stop_after
+        if not self.dist.enabled:
+            return signum is not None or requested
+        if not log_step:
+            return requested
+        flag = torch.tensor([1.0 if signum is not None else 0.0], device=self.device)
+        return bool(self.dist.all_reduce_max(flag)) or requested
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -171,70 +280,58 @@ class _Loop:
                 sums[k] = sums.get(k, 0) + v.float() * x.shape[0]
             n += x.shape[0]
         self.model.train()
+        keys = list(sums)
+        if self.dist.enabled:  # every rank evaluated a disjoint share of the held-out batches
+            keys = self.dist.broadcast_object(keys)
+            tot = torch.stack([torch.as_tensor(sums.get(k, 0.0), dtype=torch.float32, device=self.device)
+                               for k in keys] + [torch.tensor(float(n), device=self.device)])
+            tot = self.dist.all_reduce_sum(tot)
+            sums, n = dict(zip(keys, tot[:-1], strict=True)), int(tot[-1])
         if n == 0:
             return {}
-        keys = list(sums)
         vals = (torch.stack([sums[k] for k in keys]) / n).tolist()
         return {f"val/{k}": v for k, v in zip(keys, vals, strict=True)}
 
     def _autocast(self) -> Any:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.dtype == "bfloat16")
+        return self.train_step.autocast()
 
     # ------------------------------------------------------------------ loop
     def run(self) -> dict[str, Any]:
         tc, model = self.cfg.train, self.model
         from ..io import write_json
 
-        write_json(self.out / "config.json", self._run_config())
-        logger = MetricsLogger(self.out, self._run_config(), tc.wandb, tc.wandb_project,
-                               self.total, self.step, tc.progress)
-        acc: dict[str, torch.Tensor] = {}
+        main = self.dist.is_main
+        if main:
+            write_json(self.out / "config.json", self._run_config())
+        logger = (MetricsLogger(self.out, self._run_config(), tc.wandb, tc.wandb_project, self.total, self.step,
+                                tc.progress) if main else _NullLogger())
         n_acc, t_last, last, val = 0, time.perf_counter(), {}, {}
-        params = list(model.parameters())
         try:
             with _SignalFlag() as sig:
                 while self.step < self.total:
                     x = self.first_batch if self.first_batch is not None else self.source.next_batch()
                     self.first_batch = None
-                    l1 = l1_coeff_at(self.step, self.total, tc.l1_coeff, tc.l1_warmup_frac)
-                    dead = self.since_fired >= tc.dead_tokens
-                    with self._autocast():
-                        res = self.loss_fn(model, x, l1_coeff=l1, l2=tc.l2_loss, aux_k=self.aux_k,
-                                           aux_coeff=tc.aux_coeff, dead=dead)
-                    self.opt.zero_grad(set_to_none=True)
-                    res.loss.backward()
-                    gnorm = (torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm > 0
-                             else torch.zeros((), device=self.device))
-                    self.opt.step()
-                    self.sched.step()
-                    fired = (res.f > 0).any(0)
-                    self.since_fired.add_(x.shape[0]).masked_fill_(fired, 0)
+                    l1 = self.train_step(x, self.step)
                     self.step += 1
-                    res.metrics["grad_norm"] = gnorm.detach()
-                    res.metrics["dead_fraction"] = dead.float().mean()
-                    for k, v in res.metrics.items():
-                        acc[k] = acc[k] + v.float() if k in acc else v.float().clone()
                     n_acc += 1
                     logger.advance()
                     if self.step % tc.log_every == 0 or self.step == self.total:
-                        keys = list(acc)
-                        vals = (torch.stack([acc[k] for k in keys]) / n_acc).tolist()
                         now = time.perf_counter()
-                        last = dict(zip(keys, vals, strict=True))
+                        last = self.train_step.read_metrics()
                         last.update(l1_coeff=l1 if model.arch.uses_l1 else 0.0, lr=self.sched.get_last_lr()[0],
                                     tokens=self.step * tc.batch_size,
                                     tokens_per_s=n_acc * tc.batch_size / max(now - t_last, 1e-9))
                         if model.cfg.arch == "batchtopk":
                             last["threshold"] = float(model.threshold)
                         logger.log(last, self.step)
-                        acc, n_acc, t_last = {}, 0, time.perf_counter()
+                        n_acc, t_last = 0, time.perf_counter()
                     if tc.val_every and tc.val_tokens and (self.step % tc.val_every == 0 or self.step == self.total):
                         val = self.validate(l1)
                         if val:
                             logger.log(val, self.step)
                     if tc.save_every and self.step % tc.save_every == 0 and self.step < self.total:
                         self._save()
-                    if sig.signum is not None or (self.stop_after is not None and self.step >= self.stop_after):
+                    if self._should_stop(sig.signum, self.step % tc.log_every == 0):
                         ck = self._save()
                         why = f"signal {sig.signum}" if sig.signum is not None else "stop requested"
                         raise Interrupted(f"{why} at step {self.step}/{self.total}; checkpoint {ck}; "
@@ -242,9 +339,24 @@ class _Loop:
         finally:
             logger.close()
         self._save()
-        final = copy.deepcopy(model).cpu().fold(self.norm_scale)
         metrics = {**last, **val}
+        if not main:
+            return metrics
+        final = copy.deepcopy(model).cpu().fold(self.norm_scale)
         final.save_pretrained(self.out, extra_config={
             "train": dataclasses.asdict(self.cfg.train), "data": dataclasses.asdict(self.cfg.data),
             "metrics": metrics, "source": {k: v for k, v in self.info.items() if k != "fingerprints"}})
         return metrics
+
+
+class _NullLogger:
+    """What ranks other than 0 log to: nothing."""
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        pass
+
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,63 @@
+"""DistributedDataParallel wiring of the training step (``torchrun``; NCCL on GPU, gloo on CPU).
+
+Each rank holds ``batch_size / world_size`` rows of every global batch (see
+:class:`~crosscoder.data.loader.CacheBatches`). Everything that depends on the whole batch is made
+global, so a run does not depend on the number of processes:
+
+* gradients: DDP averages the ranks' gradients of their local batch means = the gradient of the
+  global batch mean (equal shares);
+* BatchTopK: the selection and the threshold come from the global batch
+  (:meth:`~crosscoder.model.registry.BatchTopK.select_batch`);
+* AuxK: normalised by the global residual variance; explained variance from global SSE/SST;
+* dead-latent counters: a latent fired if it fired on any rank (all-reduce MAX);
+* logged metrics: averaged over ranks at each log step; only rank 0 writes logs and checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..distributed import Dist
+from ..model import CrossCoder, compute_loss
+
+
+class LossModule(nn.Module):
+    """Wraps a crosscoder so that DDP sees one forward: ``x -> (loss, metrics, latents)``."""
+
+    def __init__(self, model: CrossCoder, loss_fn: Any = compute_loss) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, x: torch.Tensor, kw: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any]:
+        res = self.loss_fn(self.model, x, **kw)
+        return res.loss, res.metrics, res.latents
+
+
+def wrap(model: CrossCoder, d: Dist, device: torch.device, loss_fn: Any = compute_loss) -> nn.Module:
+    """The module the step calls: plain :class:`LossModule` on one process, DDP-wrapped under torchrun."""
+    module = LossModule(model, loss_fn)
+    if not d.enabled:
+        return module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model.arch.dist = d  # global BatchTopK selection
+    ids = [device.index] if device.type == "cuda" else None
+    return DDP(module, device_ids=ids, broadcast_buffers=False)
+
+
+def global_fired(fired: torch.Tensor, d: Dist) -> torch.Tensor:
+    """``fired [d_latent]`` bool on this rank -> fired on any rank."""
+    if not d.enabled:
+        return fired
+    return d.all_reduce_max(fired.to(torch.uint8)).bool()
+
+
+def mean_over_ranks(vec: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Average a metrics vector over ranks (identity on one process)."""
+    if not d.enabled:
+        return vec
+    return d.all_reduce_sum(vec.clone()) / d.world_size
