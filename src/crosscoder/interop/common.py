@@ -39,6 +39,19 @@ def first_line(e: BaseException) -> str:
     return type(e).__name__
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """Parse a JSON config file that must hold an object (one-line errors naming the file)."""
+    import json
+
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except Exception as e:  # noqa: BLE001 - any parse error becomes one line
+        raise CrossCoderError(f"{path}: cannot parse config ({first_line(e)})") from None
+    if not isinstance(cfg, dict):
+        raise CrossCoderError(f"{path}: config must be a JSON object")
+    return cfg
+
+
 def safe_torch_load(path: str | os.PathLike) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` -> a dict; one-line :class:`CrossCoderError` otherwise.
 

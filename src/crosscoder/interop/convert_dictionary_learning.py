@@ -38,7 +38,14 @@ import torch
 
 from ..config import CrossCoderConfig
 from ..errors import CrossCoderError
-from .common import Conversion, first_line, load_safetensors, parse_norm_scale, safe_torch_load, tensor
+from .common import (
+    Conversion,
+    load_safetensors,
+    parse_norm_scale,
+    read_json_object,
+    safe_torch_load,
+    tensor,
+)
 
 CODE_NORMALIZATION = {1: "CROSSCODER", 2: "SAE", 3: "MIXED", 4: "NONE", 5: "DECOUPLED"}
 L1_WEIGHTING = {"CROSSCODER": "sum", "SAE": "concat"}
@@ -79,12 +86,7 @@ def resolve_dictionary_learning(path: str | Path, cfg_path: str | Path | None = 
 def _read_config(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
-    try:
-        cfg = json.loads(path.read_text())
-    except Exception as e:  # noqa: BLE001 - any parse error becomes one line
-        raise CrossCoderError(f"{path}: cannot parse config ({first_line(e)})") from None
-    if not isinstance(cfg, dict):
-        raise CrossCoderError(f"{path}: config must be a JSON object")
+    cfg = read_json_object(path)
     if isinstance(cfg.get("trainer"), dict):  # a dictionary_learning training config
         cfg = cfg["trainer"]
     return cfg

@@ -19,16 +19,14 @@ converted model keeps working in Kissane's normalised space (``norm_scale = 1``)
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ..config import CrossCoderConfig
 from ..errors import CrossCoderError
-from .common import Conversion, first_line, parse_norm_scale, safe_torch_load, tensor
+from .common import Conversion, parse_norm_scale, read_json_object, safe_torch_load, tensor
 
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 _CKPT = re.compile(r"^(\d+)\.pt$")
@@ -71,17 +69,6 @@ def resolve_kissane(path: str | Path, cfg_path: str | Path | None = None) -> tup
     return weights, cfg, notes
 
 
-def read_kissane_cfg(path: Path) -> dict[str, Any]:
-    """Parse a Kissane ``*_cfg.json`` into a dict (one-line errors)."""
-    try:
-        cfg = json.loads(path.read_text())
-    except Exception as e:  # noqa: BLE001 - any parse error becomes one line
-        raise CrossCoderError(f"{path}: cannot parse config ({first_line(e)})") from None
-    if not isinstance(cfg, dict):
-        raise CrossCoderError(f"{path}: config must be a JSON object")
-    return cfg
-
-
 def from_kissane(path: str | Path, *, cfg_path: str | Path | None = None,
                  norm_scale: list[float] | None = None, model_names: list[str] | None = None,
                  site: str | None = None) -> Conversion:
@@ -103,7 +90,7 @@ def from_kissane(path: str | Path, *, cfg_path: str | Path | None = None,
     from ..model.crosscoder import CrossCoder
 
     weights, cfg_file, notes = resolve_kissane(path, cfg_path)
-    kcfg = read_kissane_cfg(cfg_file)
+    kcfg = read_json_object(cfg_file)
     sd = safe_torch_load(weights)
     where = str(weights)
     unknown = sorted(set(sd) - set(PARAMS))
