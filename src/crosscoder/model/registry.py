@@ -256,26 +256,30 @@ class BatchTopK(Architecture):
     dist: Any = None
 
     def select_batch(self, pre: torch.Tensor, w: torch.Tensor, n_keep: int,
-                     method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This rank's entries among the batch top-k of the global batch: ``(flat, scores, kept)``.
+                     method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """This rank's entries among the batch top-k of the global batch: ``(flat, scores, kept, mask)``.
 
         ``kept`` holds the scores of every globally kept entry (for the threshold EMA). With one process
         it is the local selection. With ``W`` ranks each rank sends its local top ``n_keep * W``
         candidate scores (padded with -1) to all others; the global ``n_keep * W``-th largest score ``t``
         decides, and a rank keeps its candidates scoring at least ``t``: the union over ranks is exactly
-        the single-process selection of the whole batch (ties at ``t`` aside).
+        the single-process selection of the whole batch (ties at ``t`` aside). With the host-sync-free
+        ``topk`` method (CUDA) the candidates are all returned with ``mask`` (1.0 = kept, 0.0 = not), which
+        zeroes the others' values and gradients, instead of a data-dependent (synchronising) index.
         """
         d = self.dist
         if d is None or d.world_size == 1:
             flat, scores = select_batch_topk(pre, w, n_keep, method, self.ws)
-            return flat, scores, scores
+            return flat, scores, scores, None
         n_global = n_keep * d.world_size
         flat, scores = select_batch_topk(pre, w, min(n_global, pre.numel()), method, self.ws)
         padded = torch.full((n_global,), -1.0, dtype=scores.dtype, device=scores.device)
         padded[:scores.numel()] = scores
         top = d.all_gather_cat(padded).topk(n_global, sorted=False).values
         keep = scores >= top.min()
-        return flat[keep], scores[keep], top
+        if method == "topk":
+            return flat, scores, top, keep.to(scores.dtype)
+        return flat[keep], scores[keep], top, None
 
     def forward_fast(self, x: torch.Tensor, weight: torch.Tensor, aux_k: int = 0,
                      dead: torch.Tensor | None = None) -> ForwardOut:
@@ -290,15 +294,18 @@ class BatchTopK(Architecture):
             with big_kernels():
                 torch.addmm(b_enc.to(cdt), x2.to(cdt), w_enc2.to(cdt), out=pre)
             w = weight.detach().float()
+            mask = None
             if not model.training and bool(model.threshold >= 0):
                 flat, scores = select_above(pre, w, model.threshold, method, self.ws)
             else:
-                flat, scores, kept = self.select_batch(pre, w, model.cfg.k * b, method)
+                flat, scores, kept, mask = self.select_batch(pre, w, model.cfg.k * b, method)
                 if model.training:
                     model.update_threshold(kept)
         sel = Selection.from_flat(flat, b, h)
         (raw,), e_hat, scale = self._encode_with_aux(x2, pre, (sel,), aux_k, dead)
         acts = torch.relu(raw)  # [N]; raw > 0 except zero-score entries of the "topk" method
+        if mask is not None:  # distributed "topk" selection: candidates not kept globally contribute 0
+            acts = acts * mask.to(acts.dtype)
         x_hat = (sparse_decode(acts, w_dec2, sel) + b_dec2).view_as(x)
         l1 = (acts * weight[sel.cols].to(acts.dtype)).sum() / b
         return ForwardOut(x_hat, l1, Latents((b, h), sel=sel, vals=acts.detach()), e_hat, scale)
