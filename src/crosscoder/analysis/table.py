@@ -191,12 +191,9 @@ def class_counts(cols: dict[str, np.ndarray]) -> dict[str, dict[str, int]]:
 
 
 def to_dataframe(cols: dict[str, np.ndarray]) -> Any:
-    """Columns -> ``pandas.DataFrame`` (pandas is needed only here)."""
-    try:
-        import pandas as pd
-    except ImportError:  # pragma: no cover - pandas is a dev extra
-        raise CrossCoderError("latent_table: needs pandas (pip install pandas); "
-                              "latent_columns() returns the same table as a dict of arrays") from None
+    """Columns -> ``pandas.DataFrame`` (imported here only: the CLI writes with pyarrow)."""
+    import pandas as pd
+
     df = pd.DataFrame({k: (v.astype(str) if v.dtype == object else v) for k, v in cols.items()})
     return df
 
