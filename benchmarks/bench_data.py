@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from crosscoder.bench import build_step, run_bench
+from crosscoder.bench import add_shape_arguments, build_step, run_bench
 from crosscoder.data.loader import CacheBatches
 from crosscoder.data.paired import PairedCache, PairedCacheWriter
 
@@ -52,12 +52,7 @@ def loader_rate(cache: PairedCache, batch_size: int, n_batches: int, prefetch: i
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", choices=("vanilla", "batchtopk"), default="batchtopk")
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--n-models", type=int, default=2)
-    p.add_argument("--dict-size", type=int, default=8192)
-    p.add_argument("--batch-size", type=int, default=2048)
-    p.add_argument("--k", type=int, default=32)
+    add_shape_arguments(p, arch="batchtopk")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", type=int, default=131072)
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="cache storage dtype")

@@ -24,17 +24,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_step import ReferenceStep  # noqa: E402
 
-from crosscoder.bench import build_step, dead_set, gemm_seconds, step_flops, synthetic_batches  # noqa: E402
+from crosscoder.bench import (  # noqa: E402
+    add_shape_arguments,
+    build_step,
+    dead_set,
+    gemm_seconds,
+    step_flops,
+    synthetic_batches,
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", choices=("vanilla", "batchtopk"), default="batchtopk")
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--n-models", type=int, default=2)
-    p.add_argument("--dict-size", type=int, default=8192)
-    p.add_argument("--batch-size", type=int, default=2048)
-    p.add_argument("--k", type=int, default=32)
+    add_shape_arguments(p, arch="batchtopk")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=3, help="timed steps per implementation and round")
     p.add_argument("--rounds", type=int, default=3)

@@ -16,6 +16,7 @@ FLOPs counted per step (``D = n_models * d_model``, ``H = dict_size``, ``B = bat
 
 from __future__ import annotations
 
+import argparse
 import math
 import resource
 import statistics
@@ -167,3 +168,14 @@ def run_bench(arch: str = "vanilla", d_model: int = 256, dict_size: int = 8192, 
     if dev.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(dev)
     return out
+
+
+def add_shape_arguments(p: argparse.ArgumentParser, arch: str = "vanilla") -> None:
+    """The step-shape flags shared by ``crosscoder bench`` and the scripts in ``benchmarks/``."""
+    p.add_argument("--arch", choices=("vanilla", "batchtopk"), default=arch, help=f"architecture (default: {arch})")
+    p.add_argument("--d-model", type=int, default=256, help="activation width per model (default: 256)")
+    p.add_argument("--n-models", type=int, default=2, help="number of models (default: 2)")
+    p.add_argument("--dict-size", "--d-latent", dest="dict_size", type=int, default=8192,
+                   help="number of latents (default: 8192)")
+    p.add_argument("--batch-size", type=int, default=2048, help="tokens per step (default: 2048)")
+    p.add_argument("--k", type=int, default=32, help="batchtopk: mean active latents per token (default: 32)")

@@ -12,13 +12,9 @@ HELP = ("Time the full training step (forward, losses, backward, clipping, Adam,
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", choices=("vanilla", "batchtopk"), default="vanilla", help="architecture (default: vanilla)")
-    p.add_argument("--d-model", type=int, default=256, help="activation width per model (default: 256)")
-    p.add_argument("--n-models", type=int, default=2, help="number of models (default: 2)")
-    p.add_argument("--dict-size", "--d-latent", dest="dict_size", type=int, default=8192,
-                   help="number of latents (default: 8192)")
-    p.add_argument("--batch-size", type=int, default=2048, help="tokens per step (default: 2048)")
-    p.add_argument("--k", type=int, default=32, help="batchtopk: mean active latents per token (default: 32)")
+    from ..bench import add_shape_arguments
+
+    add_shape_arguments(p, arch="vanilla")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
