@@ -144,7 +144,7 @@ def bench_cache(args: argparse.Namespace, folder: Path) -> dict:
     w.close()
     write_s = time.perf_counter() - t
     cache = PairedCache(folder / "cache", verify="size")
-    src = CacheBatches(cache, args.train_batch, seed=0, norm_scale=cache.norm_scale(), prefetch=4)
+    src = CacheBatches(cache, args.train_batch, seed=0, norm=cache.norm_scale(), prefetch=4)
     src.next_batch()
     n_batches = min(rows // args.train_batch - 1, 400)
     t = time.perf_counter()

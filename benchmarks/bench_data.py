@@ -39,7 +39,7 @@ def write_cache(path: str, rows: int, n_models: int, d_model: int, dtype: str) -
 
 
 def loader_rate(cache: PairedCache, batch_size: int, n_batches: int, prefetch: int) -> float:
-    src = CacheBatches(cache, batch_size, seed=0, norm_scale=[1.0] * cache.n_models, prefetch=prefetch)
+    src = CacheBatches(cache, batch_size, seed=0, norm=[1.0] * cache.n_models, prefetch=prefetch)
     try:
         src.next_batch()  # start the thread / warm up
         t = time.perf_counter()
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
         step = run_bench(a.arch, a.d_model, a.dict_size, a.batch_size, a.k, steps=a.steps, warmup=1,
                          threads=a.threads, n_models=a.n_models)
         ts = build_step(a.arch, a.d_model, a.dict_size, a.batch_size, a.k, a.steps + 1, torch.device("cpu"))
-        src = CacheBatches(cache, a.batch_size, seed=0, norm_scale=[1.0] * a.n_models, prefetch=4)
+        src = CacheBatches(cache, a.batch_size, seed=0, norm=[1.0] * a.n_models, prefetch=4)
         try:
             ts(src.next_batch(), 0)
             times = []

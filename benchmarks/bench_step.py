@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     ours = build_step(a.arch, a.d_model, a.dict_size, a.batch_size, a.k, total, dev, aux_k=a.aux_k)
     init = {n: getattr(ours.model, n).detach().clone() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
     ref = ReferenceStep(a.arch, a.n_models, a.d_model, a.dict_size, a.k, aux_k=ours.aux_k, total_steps=total,
-                        dead_tokens=ours.tc.dead_tokens, init=init, select=a.ref_select)
+                        dead_tokens=ours.dead_tokens, init=init, select=a.ref_select)
     xs = synthetic_batches(4, a.batch_size, a.n_models, a.d_model, dev)
     dead_idx = dead_set(a.dict_size, a.dead_frac)
     d = a.n_models * a.d_model
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     first: dict[str, float] = {}
 
     def run_ours(i: int) -> float:
-        ours.since_fired[dead_idx] = ours.tc.dead_tokens
+        ours.since_fired[dead_idx] = ours.dead_tokens
         t = time.perf_counter()
         ours(xs[i % len(xs)], i)
         return time.perf_counter() - t

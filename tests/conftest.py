@@ -21,3 +21,19 @@ def _cache_dir(tmp_path_factory):
         os.environ.pop("CROSSCODER_CACHE_DIR", None)
     else:
         os.environ["CROSSCODER_CACHE_DIR"] = old
+
+
+def require_chromium() -> str:
+    """Headless Chromium for the HTML report's browser checks. Missing, the calling test is skipped with
+    the reason, except under CI (``CI`` set and not ``0``/``false``, as ``.ci/run`` runs, which installs
+    it): there a missing browser fails the test instead of silently dropping the checks."""
+    from crosscoder.analysis.browser import find_chromium
+    from crosscoder.errors import CrossCoderError
+
+    try:
+        return find_chromium()
+    except CrossCoderError as e:
+        reason = f"{e}: the HTML report's checks in headless Chromium (page errors, table, screenshot)"
+        if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+            pytest.fail(f"CI is set and {reason} cannot run", pytrace=False)
+        pytest.skip(f"{reason} are skipped outside CI")

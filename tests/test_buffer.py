@@ -55,20 +55,29 @@ def test_refresh_serves_new_tokens_each_exactly_once() -> None:
 
 
 def test_buffer_matches_collect_rows_and_normalisation(tmp_path: Path) -> None:
-    """Same alignment and masking as `collect`; norm_scale from the first fill = collect's statistics."""
+    """Same alignment and masking as `collect`; the normalisation from the first fill: collect's mean, then
+    E||x - mean|| = sqrt(d_model) (and without centring collect's mean-norm factors)."""
     buf = buffer_source(run_config(buffer_tokens=1024), "cpu")
     collect(collect_config(tmp_path / "c", num_tokens=1024), say=quiet)
     cache = PairedCache(tmp_path / "c")
-    np.testing.assert_allclose(buf.norm_scale, cache.norm_scale(), rtol=1e-9)
+    np.testing.assert_allclose(np.asarray(buf.norm_mean), np.asarray(cache.stats["mean"]), rtol=1e-5, atol=1e-6)
     index = cache.read_index(np.arange(cache.n_rows))
     where = {(int(s), int(p)): i for i, (s, p) in enumerate(index[:, 1:].tolist())}
     assert keys(buf.index) == set(where)
     x = buf.next_batch()
     rows = np.array([where[k] for k in [(int(s), int(p)) for s, p in buf.last_index[:, 1:].tolist()]])
     scale = torch.tensor(buf.norm_scale, dtype=torch.float32).view(1, 2, 1)
-    torch.testing.assert_close(x, cache.read(rows) * scale, atol=1e-5, rtol=1e-5)
+    mean = torch.tensor(buf.norm_mean, dtype=torch.float32)
+    torch.testing.assert_close(x, (cache.read(rows) - mean) * scale, atol=1e-4, rtol=1e-4)
     full = buf.buf.norm(dim=-1).mean(0)  # normalised mean norm = sqrt(d_model)
     torch.testing.assert_close(full, torch.full((2,), 32**0.5), rtol=1e-4, atol=1e-4)
+    # residual streams carry a large mean: centring changes the factors several-fold
+    assert min(buf.norm_scale[i] / cache.norm_scale()[i] for i in range(2)) > 2
+    cfg = run_config(buffer_tokens=1024)
+    cfg.data.norm_center = False
+    plain = buffer_source(cfg, "cpu")
+    np.testing.assert_allclose(plain.norm_scale, cache.norm_scale(), rtol=1e-9)
+    assert plain.norm_mean is None
 
 
 def test_state_dict_resumes_with_new_tokens_and_same_scale() -> None:

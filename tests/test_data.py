@@ -64,7 +64,7 @@ def test_loader_is_a_seeded_shuffle_with_disjoint_validation(tmp_path):
     w.add(x)
     w.close()
     c = PairedCache(tmp_path / "c")
-    b = CacheBatches(c, 32, seed=5, norm_scale=[1.0, 2.0], val_tokens=44, prefetch=2)
+    b = CacheBatches(c, 32, seed=5, norm=[1.0, 2.0], val_tokens=44, prefetch=2)
     seen = [b.next_batch() for _ in range(16)]  # 2 epochs of 8 batches (256 train rows)
     ids = torch.cat([s[:, 0, 0] for s in seen]).long()
     val = torch.cat(list(b.val_batches()))[:, 0, 0].long()
@@ -72,7 +72,7 @@ def test_loader_is_a_seeded_shuffle_with_disjoint_validation(tmp_path):
     assert sorted(ids[:256].tolist()) == sorted(ids[256:].tolist())  # each epoch covers the train rows once
     assert ids[:256].tolist() != ids[256:].tolist()  # reshuffled per epoch
     assert torch.equal(seen[0][:, 1], seen[0][:, 0] * 2)  # per-model norm scale applied
-    b2 = CacheBatches(c, 32, seed=5, norm_scale=[1.0, 2.0], val_tokens=44, prefetch=0)
+    b2 = CacheBatches(c, 32, seed=5, norm=[1.0, 2.0], val_tokens=44, prefetch=0)
     b2.load_state_dict({"batches_served": 11})
     assert torch.equal(b2.next_batch(), seen[11])  # position restore
     b.close()
@@ -98,8 +98,19 @@ def test_trains_from_hf_pair_and_records_norm_scale(pair, capsys):
     code, err = run_cli(capsys, "--base-data", base, "--ft-data", ft, "--out", str(tmp / "run"))
     assert code == 0, err
     cfg = json.loads((tmp / "run" / "config.json").read_text())
-    norms = [np.linalg.norm(a, axis=1).mean(), np.linalg.norm(a * 2 + 1, axis=1).mean()]
+    # Default: centred, then scaled so that E||x - mu|| = sqrt(d_model); the means are recorded.
+    xs = [a.astype(np.float64), a.astype(np.float64) * 2 + 1]
+    mus = [x.mean(0) for x in xs]
+    norms = [np.linalg.norm(x - mu, axis=1).mean() for x, mu in zip(xs, mus, strict=True)]
     assert cfg["norm_scale"] == pytest.approx([np.sqrt(8) / n for n in norms], rel=1e-5)
+    assert np.asarray(cfg["norm_mean"]) == pytest.approx(np.stack(mus), abs=1e-6)
+    # --no-norm-center: the plan's mean-inclusive scaling (E||x|| = sqrt(d_model)), no mean recorded.
+    code, err = run_cli(capsys, "--base-data", base, "--ft-data", ft, "--out", str(tmp / "run2"), "--no-norm-center")
+    assert code == 0, err
+    cfg = json.loads((tmp / "run2" / "config.json").read_text())
+    norms = [np.linalg.norm(x, axis=1).mean() for x in xs]
+    assert cfg["norm_scale"] == pytest.approx([np.sqrt(8) / n for n in norms], rel=1e-5)
+    assert cfg["norm_mean"] is None
 
 
 @pytest.mark.parametrize("case,pattern", [

@@ -66,7 +66,11 @@ def test_collect_train_cache_from_pretrained_end_to_end(tmp_path: Path, capsys: 
                  "--wandb", "off", "--no-progress", "--val-every", "50", "--log-every", "50"]) == 0
     model = CrossCoder.from_pretrained(run)
     assert model.cfg.model_names == [str(pair.base), str(pair.ft)] and model.cfg.site == "transformer.h.1"
-    np.testing.assert_allclose(model.cfg.norm_scale, c.norm_scale(), rtol=1e-5)
+    # centred on the cache's exact mean, then E||x - mu|| = sqrt(d_model) on a sample of rows
+    np.testing.assert_allclose(np.asarray(model.cfg.norm_mean), np.asarray(c.stats["mean"]), rtol=1e-4, atol=1e-5)
+    xs = c.read(np.arange(c.n_rows)).double() - torch.tensor(c.stats["mean"], dtype=torch.float64)
+    expect = [c.d_model**0.5 / float(v) for v in xs.norm(dim=-1).mean(0)]
+    np.testing.assert_allclose(model.cfg.norm_scale, expect, rtol=1e-3)
     x = c.read(np.arange(2000))  # raw activations: normalisation is folded into the saved model
     x_hat, _ = model(x)
     ev = 1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()

@@ -122,6 +122,54 @@ def test_fewer_positive_scores_than_kept(arch: str, method: str) -> None:
     assert_same(*run_pair(m, x, method, aux_k=8, dead=torch.arange(512) % 2 == 0))
 
 
+def zero_norm_latent(h: int, k: int, b: int = 16, z: int = 5) -> tuple[CrossCoder, torch.Tensor]:
+    """A BatchTopK model whose latent ``z`` has decoder row exactly 0 (score 0) and pre-activation > 0 in
+    every row, while only latents 0-3 have positive scores: fewer than ``k * b`` scores are positive."""
+    m = make("batchtopk", h=h, d=8, k=k)
+    with torch.no_grad():
+        m.b_enc.fill_(-50.0)
+        m.b_enc[:4] = 50.0
+        m.b_enc[z] = 50.0
+        m.W_dec[z] = 0.0
+    x = batch(b, d=8)
+    pre, w = m.encode_pre(x).detach(), m.latent_weight().detach()
+    assert float(w[z]) == 0.0 and bool((pre[:, z] > 0).all())
+    assert int((torch.relu(pre) * w > 0).sum()) == 4 * b < k * b
+    return m, x
+
+
+@pytest.mark.parametrize("aux", [False, True])
+@pytest.mark.parametrize("mode", ["train", "eval_no_threshold"])
+@pytest.mark.parametrize("h,k", [(16, 16), (64, 8)])
+def test_zero_norm_latent_never_active(h: int, k: int, mode: str, aux: bool) -> None:
+    """Score exactly 0 (here: zero decoder row, positive pre-activation) is never active, in the dense rule
+    and both selection methods alike: same latents, L0, fired mask, threshold and gradients.
+
+    With ``k == h`` every entry is among the top ``k * b`` scores, so a rule keeping zero scores to fill
+    ``k * b`` would make latent ``z`` active in every row (as the dense rule and the "topk" method did
+    while the "threshold" method dropped it)."""
+    z = 5
+    m, x = zero_norm_latent(h, k, z=z)
+    if mode == "eval_no_threshold":  # eval before any training step: the batch rule, threshold untouched
+        m.eval()
+    kw = {"aux_k": 4, "aux_coeff": 0.25, "dead": torch.arange(h) >= 4} if aux else {}
+    results = {}
+    for method in METHODS:
+        r_d, r_f, dn, fs = run_pair(m, x, method, **kw)
+        assert_same(r_d, r_f, dn, fs)
+        results[method] = (r_f, fs)
+        for r, mm in ((r_d, dn), (r_f, fs)):
+            assert not bool((r.f[:, z] > 0).any()) and not bool(r.latents.fired()[z])
+            assert float(r.metrics["l0_loss"]) == 4.0
+            if not aux:  # nothing reaches the zero-norm latent (AuxK may pick it: it is dead)
+                assert not bool(mm.W_dec.grad[z].any()) and float(mm.b_enc.grad[z]) == 0.0
+                assert not bool(mm.W_enc.grad[..., z].any())
+    (r_t, m_t), (r_k, m_k) = results["threshold"], results["topk"]
+    assert torch.equal(r_t.f, r_k.f) and torch.equal(r_t.latents.fired(), r_k.latents.fired())
+    for n in PARAMS:
+        torch.testing.assert_close(getattr(m_t, n).grad, getattr(m_k, n).grad, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_all_zero(method: str) -> None:
     m = make("batchtopk")
@@ -307,7 +355,7 @@ def test_sync_free_step(arch: str, monkeypatch) -> None:
 
     st = build_step(arch, 16, 256, 64, 4, 10, torch.device("cpu"), aux_k=8)
     st.model.arch.select_method = "topk"
-    st.since_fired[dead_set(256, 0.3)] = st.tc.dead_tokens
+    st.since_fired[dead_set(256, 0.3)] = st.dead_tokens
     xs = synthetic_batches(2, 64, 2, 16, torch.device("cpu"))
 
     def boom(*a, **kw):

@@ -82,7 +82,11 @@ def test_metrics_log_and_artifacts(tmp_path):
             assert k in r, k
     assert rows[-1]["tokens"] == 40 * 256
     assert rows[0]["l1_coeff"] == pytest.approx(1.0)  # warm-up over 5% of 40 steps = 2 steps
-    assert rows[-1]["lr"] == pytest.approx(0.0)  # linear decay to 0
+    # The logged rate is the one the logged step used (0-based step s - 1): the decay over the last 8 of
+    # 40 steps reaches 1/8 of the base rate on the last step (and 0 only after it).
+    f = lr_lambda(40, 0.0, 0.2)
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3 * f(r["step"] - 1) for r in rows])
+    assert rows[-1]["lr"] == pytest.approx(1e-3 / 8)
     cfg = json.loads((out / "config.json").read_text())
     for k in ("arch", "n_models", "d_model", "d_latent", "k", "norm_scale", "version", "train", "data", "metrics"):
         assert k in cfg, k

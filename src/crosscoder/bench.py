@@ -131,7 +131,7 @@ def run_bench(arch: str = "vanilla", d_model: int = 256, dict_size: int = 8192, 
     bufs: dict[str, torch.Tensor] = {}
     times, peaks, faults = [], [], 0
     for i in range(warmup + steps):
-        step.since_fired[dead_idx] = step.tc.dead_tokens  # keep the forced-dead latents dead
+        step.since_fired[dead_idx] = step.dead_tokens  # keep the forced-dead latents dead
         if i == warmup:
             synchronize(dev)
             if dev.type == "cuda":

@@ -16,6 +16,7 @@ from typing import Any
 from .errors import ConfigError
 
 ARCH_CHOICES = ("vanilla", "batchtopk")
+DEFAULT_VAL_TOKENS = 65_536  # held-out rows when the data has at least 10x as many
 
 
 def _f(default: Any, help: str, *, aliases: tuple[str, ...] = (), choices: tuple | None = None, cli: bool = True):
@@ -42,6 +43,9 @@ class CrossCoderConfig:
     norm_scale: list[float] | None = _f(
         None, "per-model factor multiplying raw activations (inferred from data)", cli=False
     )
+    norm_mean: list[list[float]] | None = _f(
+        None, "per-model mean [n_models][d_model] subtracted before norm_scale (inferred from data)", cli=False
+    )
     model_names: list[str] | None = _f(None, "names of the models, base first", cli=False)
     site: str | None = _f(None, "module the activations were read at", cli=False)
 
@@ -55,6 +59,9 @@ class CrossCoderConfig:
             raise ConfigError(f"l1_weighting: must be 'sum' or 'concat', got {self.l1_weighting!r}")
         if self.norm_scale is not None and len(self.norm_scale) != self.n_models:
             raise ConfigError(f"norm_scale: expected {self.n_models} factors, got {len(self.norm_scale)}")
+        if self.norm_mean is not None and self.d_model > 0 and (len(self.norm_mean) != self.n_models
+                                           or any(len(r) != self.d_model for r in self.norm_mean)):
+            raise ConfigError(f"norm_mean: expected {self.n_models} rows of {self.d_model} values")
 
 
 @dataclass
@@ -71,17 +78,22 @@ class TrainConfig:
     l1_coeff: float = _f(1.0, "vanilla: L1 coefficient (after warm-up)")
     l1_warmup_frac: float = _f(0.05, "fraction of steps over which the L1 coefficient ramps from 0")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (<= 0 disables)")
-    aux_k: int | None = _f(None, "AuxK: dead latents used by the auxiliary loss (0 = off; default 512 for batchtopk, 0 for vanilla)")
+    aux_k: int | None = _f(None, "AuxK: dead latents used by the auxiliary loss (0 = off; default "
+                           "min(512, dict_size / 2) for batchtopk, 0 for vanilla)")
     aux_coeff: float = _f(1 / 32, "AuxK loss coefficient")
-    dead_tokens: int = _f(10_000_000, "a latent is dead after this many tokens without firing")
+    dead_tokens: int | None = _f(None, "a latent is dead after this many tokens without firing (default: "
+                                 "min(10M, num_tokens / 20), at least one batch)")
     l2_loss: str = _f("squared", "reconstruction loss: squared error summed, or per-model L2 norm", choices=("squared", "norm"))
-    b_dec_init: str = _f("zeros", "decoder bias init", choices=("zeros", "geometric_median"))
+    b_dec_init: str = _f("mean", "decoder bias init: the data mean in the training space (0 when centred), "
+                         "zeros, or the geometric median of the first batch",
+                         choices=("mean", "zeros", "geometric_median"))
     seed: int = _f(0, "seed for init, shuffling and validation split")
     log_every: int = _f(50, "steps between metric logs")
     save_every: int = _f(1000, "steps between checkpoints (0 = only at the end / on signal)")
     keep_checkpoints: int = _f(2, "checkpoints kept on disk")
     val_every: int = _f(500, "steps between validation passes (0 = off)")
-    val_tokens: int = _f(65536, "held-out tokens never trained on (0 = no validation)")
+    val_tokens: int | None = _f(None, "held-out tokens never trained on (0 = no validation; default: "
+                                "min(65536, rows / 10))")
     wandb: str = _f("auto", "wandb logging (auto = online when logged in, else offline)", choices=("auto", "online", "offline", "off"))
     wandb_project: str = _f("crosscoder", "wandb project")
     threads: int = _f(1, "torch CPU threads (1 is fastest on a shared 2-core machine)")
@@ -111,10 +123,22 @@ class TrainConfig:
     def total_steps(self) -> int:
         return self.num_tokens // self.batch_size
 
-    def resolved_aux_k(self, arch: str) -> int:
+    def resolved_aux_k(self, arch: str, d_latent: int) -> int:
+        """``aux_k``, or its default: ``min(512, d_latent // 2)`` for batchtopk (Gao et al. use 512 with
+        dictionaries of 2^15 and more; half of a small dictionary keeps the auxiliary loss a sparse
+        reconstruction), 0 (off) for vanilla."""
         if self.aux_k is not None:
             return self.aux_k
-        return 512 if arch == "batchtopk" else 0
+        return min(512, max(1, d_latent // 2)) if arch == "batchtopk" else 0
+
+    @property
+    def resolved_dead_tokens(self) -> int:
+        """``dead_tokens``, or its default ``min(10M, num_tokens // 20)`` (at least one batch): long enough
+        that a live latent firing once in a few thousand tokens is never counted dead, short enough that
+        AuxK acts during the run (a fixed 10M never fires in runs under 10M tokens)."""
+        if self.dead_tokens is not None:
+            return self.dead_tokens
+        return max(self.batch_size, min(10_000_000, self.num_tokens // 20))
 
 
 @dataclass
@@ -127,6 +151,8 @@ class DataConfig:
     cache: str | None = _f(None, "paired activation cache folder (from `crosscoder collect` or a conversion)")
     skip_nonfinite: bool = _f(False, "skip rows with NaN/Inf (counted) instead of failing")
     norm_scaling: bool = _f(True, "scale each model so the mean activation norm is sqrt(d_model)")
+    norm_center: bool = _f(True, "subtract each model's mean activation before scaling (--no-norm-center: the "
+                           "plan's mean-inclusive scaling, as in published runs)")
     norm_sample_tokens: int = _f(100_000, "tokens sampled to estimate the norm scale (when no stored statistics)")
     prefetch: int = _f(4, "batches prepared ahead by the background reader")
     verify_cache: str = _f("crc", "cache check at open: crc (checksums) or size", choices=("crc", "size"))

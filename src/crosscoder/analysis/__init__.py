@@ -62,7 +62,7 @@ def latent_table(model: Any, data: Any = None, *, thresholds: Thresholds | None 
         accs = [stats, ScalingAccumulator(norm)]
         with torch.no_grad():
             scan(norm, cache, select_rows(cache.n_rows, max_tokens, seed), accs,
-                 [float(v) for v in model.norm_scale.tolist()], chunk)
+                 model.normalization(), chunk)
         cols = latent_columns(norm, t, stats.result(), accs[1].result("ft"), accs[1].result("base"))
     return cols if as_dict else to_dataframe(cols)
 

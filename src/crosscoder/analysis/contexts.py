@@ -21,6 +21,8 @@ import torch
 
 from ..data.paired import PairedCache
 from ..model import CrossCoder
+from ..normalization import Normalization
+from .scan import as_normalization
 
 
 class TopActivations:
@@ -89,7 +91,7 @@ def latent_acts(model: CrossCoder, x: torch.Tensor, latents: torch.Tensor) -> to
 
 
 @torch.no_grad()
-def build_contexts(model: CrossCoder, cache: PairedCache, norm_scale: Sequence[float], latents: Sequence[int],
+def build_contexts(model: CrossCoder, cache: PairedCache, norm: Normalization | Sequence[float], latents: Sequence[int],
                    top_values: np.ndarray, top_rows: np.ndarray, tokenizer: Any | None = None,
                    left: int = 10, right: int = 3, chunk_latents: int = 128) -> dict[int, list[dict[str, Any]]]:
     """Contexts of ``latents`` from the top rows found by :class:`TopActivations`.
@@ -99,7 +101,7 @@ def build_contexts(model: CrossCoder, cache: PairedCache, norm_scale: Sequence[f
     "proj_ft"}`` where ``tokens[mark]`` is the activating token.
     """
     text = TokenText(tokenizer)
-    scale = torch.tensor(list(norm_scale), dtype=torch.float32).view(1, -1, 1)
+    norm = as_normalization(norm)
     n_rows = cache.n_rows
     offsets = np.arange(-left, right + 1)
     norms = model.dec_norms().detach()
@@ -120,7 +122,7 @@ def build_contexts(model: CrossCoder, cache: PairedCache, norm_scale: Sequence[f
         win = np.clip(centre[:, None] + offsets[None, :], 0, n_rows - 1)  # [c, W]
         flat = win.reshape(-1)
         index = cache.read_index(flat).reshape(len(items), len(offsets), 3)
-        x = (cache.read(flat) * scale).to(dev)  # [c*W, M, d]
+        x = norm.apply_(cache.read(flat)).to(dev)  # [c*W, M, d]
         lat_c = torch.tensor([j for j, _, _ in items], dtype=torch.long, device=dev)  # [c]
         acts = latent_acts(model, x, lat_c.repeat_interleave(len(offsets)))
         acts = acts.view(len(items), len(offsets)).cpu().numpy()

@@ -55,6 +55,7 @@ class AnalyzeConfig:
     nu_reconstruction_max: float | None = None
     min_active: int | None = None
     latent_scaling: bool = True
+    latent_scaling_target: str = "intercept"  # intercept | bias_free | literal (scaling.MODES)
     min_cos: float = 0.7
     ground_truth: str | None = None
     device: str = "cpu"
@@ -162,7 +163,7 @@ def analyze(cfg: AnalyzeConfig, say: Any = _say_default) -> dict[str, Any]:
     from .contexts import TopActivations, build_contexts
     from .recovery import classification_scores, format_scores, planted_cosines
     from .report import render_report
-    from .scaling import ScalingAccumulator
+    from .scaling import ScalingAccumulator, check_mode
     from .scan import ActivationStats, ReconstructionStats, normalised_model, scan, select_rows
     from .spliced import format_spliced
     from .table import class_counts, latent_columns, thresholds_for, write_table
@@ -180,22 +181,24 @@ def analyze(cfg: AnalyzeConfig, say: Any = _say_default) -> dict[str, Any]:
     t = thresholds_for(model.cfg.arch, exclusive_band=cfg.exclusive_band, shared_band=cfg.shared_band,
                        nu_error_max=cfg.nu_error_max, nu_reconstruction_max=cfg.nu_reconstruction_max,
                        min_active=cfg.min_active, latent_scaling=cfg.latent_scaling)
+    check_mode(cfg.latent_scaling_target)
     dev = torch.device(cfg.device)
     norm = normalised_model(model).to(dev)
     scale = [float(v) for v in model.norm_scale.tolist()]
     rows = select_rows(cache.n_rows, cfg.max_tokens, cfg.seed)
     h = model.cfg.d_latent
     stats, recon = ActivationStats(h, dev), ReconstructionStats(2)
-    scaling = ScalingAccumulator(norm)
+    scaling = ScalingAccumulator(norm, mode=cfg.latent_scaling_target)
     top = TopActivations(h, cfg.top_k, dev)
     say(f"scanning {len(rows):,} tokens (eval mode{', BatchTopK threshold' if model.cfg.arch == 'batchtopk' else ''})")
-    scan(norm, cache, rows, [stats, recon, scaling, top], scale, cfg.chunk)
+    scan(norm, cache, rows, [stats, recon, scaling, top], model.normalization(), cfg.chunk)
     cols = latent_columns(norm, t, stats.result(), scaling.result("ft"), scaling.result("base"))
     summary: dict[str, Any] = {
         "run_dir": str(cfg.run_dir), "arch": model.cfg.arch, "d_latent": h, "d_model": model.cfg.d_model,
         "models": model.cfg.model_names, "site": model.cfg.site or cache.meta.get("site"), "data": str(cache.path),
         "tokens_scanned": int(len(rows)), "norm_scale": scale, "space": SPACE_NOTE,
-        "thresholds": dataclasses.asdict(t), "reconstruction": recon.result(), "classes": class_counts(cols),
+        "thresholds": dataclasses.asdict(t), "latent_scaling_target": cfg.latent_scaling_target,
+        "reconstruction": recon.result(), "classes": class_counts(cols),
         "dead": int(cols["dead"].sum()),
     }
     gt_text = None
@@ -221,7 +224,7 @@ def analyze(cfg: AnalyzeConfig, say: Any = _say_default) -> dict[str, Any]:
     tok = _tokenizer(base_spec, say)
     has_ids = bool(cache.read_index(np.array([0]))[0, 0] >= 0)
     vals, top_rows = top.result()
-    contexts = build_contexts(norm, cache, scale, card_latents(cols, cfg.max_cards), vals, top_rows,
+    contexts = build_contexts(norm, cache, model.normalization(), card_latents(cols, cfg.max_cards), vals, top_rows,
                               tok if has_ids else None, cfg.context_left, cfg.context_right)
     # Spliced-in evaluation.
     summary["spliced"] = None
@@ -248,7 +251,7 @@ def analyze(cfg: AnalyzeConfig, say: Any = _say_default) -> dict[str, Any]:
         write_table(cols, tmp)
         figs = plots.make_plots(cols, tmp, t, Path(cfg.run_dir))
         info = {k: summary[k] for k in ("run_dir", "arch", "d_latent", "d_model", "models", "site", "data",
-                                        "tokens_scanned", "dead")}
+                                        "tokens_scanned", "dead", "latent_scaling_target")}
         info.update({f"explained variance ({k[len('explained_variance_'):] or 'both'})": v
                      for k, v in summary["reconstruction"].items()})
         render_report(tmp / "report.html", title=f"Crosscoder diff: {Path(cfg.run_dir).name}", info=info,

@@ -8,17 +8,22 @@ Reported per planted class:
 * ``mean_max_cos``: mean over features of the best match (and ``mean_max_cos_frequent`` over features
   firing at least ``frequent`` of the time);
 * for exclusive classes, ``classified``: the fraction whose best latent has relative decoder norm
-  ``r = ||d_ft|| / (||d_base|| + ||d_ft||)`` below ``band`` (base_only) or above ``1 - band`` (ft_only).
+  ``r = ||d_ft|| / (||d_base|| + ||d_ft||)`` below ``exclusive_band`` (base_only) or above
+  ``1 - exclusive_band`` (ft_only): ``crosscoder analyze``'s decoder-norm rule with its default thresholds
+  for the architecture (``analysis/table.py``; Latent Scaling, which needs data, is not applied here).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..data.synthetic import CLASSES, GroundTruth
 from ..model import CrossCoder
+from .table import Thresholds, decoder_metrics, norm_classes, thresholds_for
 
 
 def relative_norm(model: CrossCoder) -> torch.Tensor:
@@ -28,14 +33,31 @@ def relative_norm(model: CrossCoder) -> torch.Tensor:
 
 
 @torch.no_grad()
-def recovery(model: CrossCoder, gt: GroundTruth, frequent: float = 0.01, band: float = 0.1) -> dict[str, Any]:
+def recovery(
+    model: CrossCoder,
+    gt: GroundTruth,
+    frequent: float = 0.01,
+    band: float | None = None,
+    thresholds: Thresholds | None = None,
+) -> dict[str, Any]:
+    """Recovery of the planted features of ``gt`` (see the module docstring).
+
+    ``classified`` uses ``crosscoder analyze``'s decoder-norm rule (:func:`~crosscoder.analysis.table.norm_classes`)
+    with ``thresholds`` (default: analyze's defaults for the model's architecture, ``thresholds_for``);
+    ``band`` overrides its ``exclusive_band``. The band used is returned as ``exclusive_band``.
+    """
+    t = thresholds or thresholds_for(model.cfg.arch)
+    if band is not None:
+        t = dataclasses.replace(t, exclusive_band=band)
+        t.validate()
     scale = model.norm_scale.cpu()
     planted = gt.vectors() * scale[None, :, None]  # normalised space
     planted = planted.reshape(planted.shape[0], -1)
     dec = (model.W_dec.detach().cpu() * scale[None, :, None]).reshape(model.cfg.d_latent, -1)
     cos = torch.nn.functional.normalize(planted, dim=-1) @ torch.nn.functional.normalize(dec, dim=-1).T
     best_cos, best = cos.max(dim=1)
-    r = relative_norm(model.cpu())[best]
+    # analyze's class by decoder norm of each feature's best latent
+    called = norm_classes(decoder_metrics(model)["relative_norm"], t)[best.numpy()]
     out: dict[str, Any] = {}
     for c in CLASSES:
         idx = [i for i, k in enumerate(gt.classes) if k == c]
@@ -46,22 +68,24 @@ def recovery(model: CrossCoder, gt: GroundTruth, frequent: float = 0.01, band: f
         row: dict[str, Any] = {"n": len(idx), "mean_max_cos": float(best_cos[idx_t].mean())}
         if freq_mask.any():
             row["mean_max_cos_frequent"] = float(best_cos[idx_t][freq_mask].mean())
-        if c == "base_only":
-            row["classified"] = float((r[idx_t] < band).float().mean())
-        elif c == "ft_only":
-            row["classified"] = float((r[idx_t] > 1 - band).float().mean())
+        if c in ("base_only", "ft_only"):
+            row["classified"] = float(np.mean(called[idx] == c))
         out[c] = row
     excl = [i for i, k in enumerate(gt.classes) if k in ("base_only", "ft_only")]
     if excl:
-        ok = [(r[i] < band) if gt.classes[i] == "base_only" else (r[i] > 1 - band) for i in excl]
-        out["exclusive_classified"] = float(torch.stack(ok).float().mean())
+        out["exclusive_classified"] = float(np.mean([called[i] == gt.classes[i] for i in excl]))
+    out["exclusive_band"] = float(t.exclusive_band)
     freq_all = gt.freq >= frequent
     out["mean_max_cos_frequent"] = float(best_cos[freq_all].mean()) if freq_all.any() else float("nan")
     return out
 
 
 def format_recovery(rec: dict[str, Any]) -> str:
-    lines = ["planted-feature recovery (cosine of best latent; exclusive classified by relative norm):"]
+    band = rec.get("exclusive_band")
+    rule = f"r < {band:g} / r > {1 - band:g}, as crosscoder analyze" if band is not None else "relative norm"
+    lines = [
+        f"planted-feature recovery (cosine of best latent; exclusive classified by decoder norm: {rule}):"
+    ]
     for c in CLASSES:
         if c in rec:
             r = rec[c]
@@ -156,3 +180,40 @@ def format_scores(res: dict[str, Any]) -> str:
         if "shared_weak_not_ft_only" in s:
             lines.append(f"    weakened-shared features not called ft_only: {100 * s['shared_weak_not_ft_only']:.1f}%")
     return "\n".join(lines)
+
+
+def family_scores(cos: torch.Tensor, planted_classes: Any, latent_classes: Any, match_cos: float = 0.9,
+                  assign_cos: float = 0.5) -> dict[str, Any]:
+    """Scores of one run of the synthetic-family benchmark (``benchmarks/recovery.py``).
+
+    ``cos`` ``[d_latent, n_features]`` (e.g. :func:`planted_cosines`), ``planted_classes`` ``[n_features]``
+    (``shared``/``base_only``/``ft_only``/``shared_weak``), ``latent_classes`` ``[d_latent]`` (the analysis'
+    ``class`` column: ``base_only``/``shared``/``ft_only``/``other``). Returns:
+
+    * ``mmcs``: mean over planted features of the max cosine to any latent (and ``mmcs_<class>``);
+    * ``recall_<c>`` for ``c`` in base_only, ft_only: fraction of planted ``c`` features having a latent
+      at cosine > ``match_cos`` that the analysis called ``c``;
+    * ``precision_<c>``: of the latents called ``c`` (``called_<c>`` of them), the fraction whose best
+      planted feature (highest cosine) is of class ``c`` with cosine > ``assign_cos`` (NaN if none called).
+    """
+    import numpy as np
+
+    cos = cos.detach().cpu().double()
+    planted = np.asarray(list(planted_classes), dtype=object)
+    called = np.asarray(list(latent_classes), dtype=object)
+    best_lat = cos.max(0).values.numpy()  # per feature
+    feat_cos, feat = (t.numpy() for t in cos.max(1))  # per latent
+    out: dict[str, Any] = {"mmcs": float(best_lat.mean())}
+    for c in CLASSES:
+        if (planted == c).any():
+            out[f"mmcs_{c}"] = float(best_lat[planted == c].mean())
+    hits = cos.numpy() > match_cos  # [d_latent, n_features]
+    for c in ("base_only", "ft_only"):
+        feats = planted == c
+        lat = called == c
+        found = hits[lat][:, feats].any(0) if lat.any() else np.zeros(int(feats.sum()), bool)
+        out[f"recall_{c}"] = float(found.mean()) if feats.any() else float("nan")
+        good = (planted[feat[lat]] == c) & (feat_cos[lat] > assign_cos)
+        out[f"called_{c}"] = int(lat.sum())
+        out[f"precision_{c}"] = float(good.mean()) if lat.any() else float("nan")
+    return out

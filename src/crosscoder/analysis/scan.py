@@ -1,7 +1,8 @@
 """One streaming pass of a crosscoder over paired activations, feeding several accumulators.
 
 The pass reads ``rows`` of a :class:`~crosscoder.data.paired.PairedCache` in chunks of ``chunk`` rows,
-multiplies them by the model's ``norm_scale`` (raw -> normalised training space), encodes them with the
+maps them by the model's recorded normalisation (``norm_scale * (x - norm_mean)``: raw -> normalised
+training space), encodes them with the
 model in eval mode (BatchTopK then uses its inference threshold, not the batch rule) and hands
 ``(x [n, n_models, d_model], f [n, d_latent], x_hat [n, n_models, d_model], rows [n])`` to each
 accumulator. Nothing of size ``[n_tokens, d_latent]`` is ever held.
@@ -19,6 +20,7 @@ import torch
 from ..data.paired import PairedCache
 from ..errors import CrossCoderError
 from ..model import CrossCoder
+from ..normalization import Normalization
 
 
 class Accumulator(Protocol):
@@ -33,7 +35,7 @@ def normalised_model(model: CrossCoder) -> CrossCoder:
     reconstructions are only comparable across models in the space they were trained in.
     """
     m = copy.deepcopy(model).float()
-    if not torch.all(m.norm_scale == 1):
+    if not torch.all(m.norm_scale == 1) or torch.any(m.norm_mean != 0):
         m.unfold()
     return m.eval()
 
@@ -58,13 +60,19 @@ def select_rows(n_rows: int, max_tokens: int | None, seed: int = 0) -> np.ndarra
     return np.sort(rng.choice(n_rows, size=max_tokens, replace=False)).astype(np.int64)
 
 
-def iter_chunks(cache: PairedCache, rows: np.ndarray, norm_scale: Sequence[float], chunk: int = 1024,
+def as_normalization(norm: Normalization | Sequence[float]) -> Normalization:
+    """A :class:`Normalization`, from one or from bare per-model factors (no centring)."""
+    return norm if isinstance(norm, Normalization) else Normalization([float(v) for v in norm])
+
+
+def iter_chunks(cache: PairedCache, rows: np.ndarray, norm: Normalization | Sequence[float], chunk: int = 1024,
                 device: str | torch.device = "cpu") -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-    """``(rows [n], x [n, n_models, d_model])`` with ``x`` normalised (raw rows times ``norm_scale``)."""
-    scale = torch.tensor(list(norm_scale), dtype=torch.float32).view(1, -1, 1)
+    """``(rows [n], x [n, n_models, d_model])`` with ``x`` normalised (``norm``, e.g. the saved model's
+    :meth:`~crosscoder.model.CrossCoder.normalization`, or bare per-model factors)."""
+    norm = as_normalization(norm)
     for lo in range(0, len(rows), chunk):
         r = rows[lo:lo + chunk]
-        yield r, (cache.read(r) * scale).to(device)
+        yield r, norm.apply_(cache.read(r)).to(device)
 
 
 class ActivationStats:
@@ -121,21 +129,22 @@ class ReconstructionStats:
 
 @torch.no_grad()
 def scan(model: CrossCoder, cache: PairedCache, rows: np.ndarray, accumulators: Sequence[Accumulator],
-         norm_scale: Sequence[float], chunk: int = 1024,
+         norm: Normalization | Sequence[float], chunk: int = 1024,
          progress: Callable[[int, int], None] | None = None) -> None:
     """Run ``model`` (normalised, see :func:`normalised_model`) over ``rows`` of ``cache``.
 
-    ``norm_scale [n_models]``: the raw-to-normalised factors (the saved model's ``norm_scale``).
-    Each accumulator gets ``update(x, f, x_hat, rows)`` per chunk.
+    ``norm``: the raw-to-normalised map (the saved model's :meth:`~crosscoder.model.CrossCoder.normalization`,
+    or bare per-model factors). Each accumulator gets ``update(x, f, x_hat, rows)`` per chunk.
     """
-    if len(norm_scale) != cache.n_models or cache.n_models != model.cfg.n_models:
+    norm = as_normalization(norm)
+    if len(norm.scale) != cache.n_models or cache.n_models != model.cfg.n_models:
         raise CrossCoderError(f"{cache.path}: {cache.n_models} models, the crosscoder has {model.cfg.n_models}")
     if cache.d_model != model.cfg.d_model:
         raise CrossCoderError(f"{cache.path}: d_model {cache.d_model}, the crosscoder has {model.cfg.d_model}")
     model.eval()
     dev = model.W_dec.device
     done = 0
-    for r, x_norm in iter_chunks(cache, rows, norm_scale, chunk, dev):
+    for r, x_norm in iter_chunks(cache, rows, norm, chunk, dev):
         f = model.encode(x_norm)
         x_hat = model.decode(f)
         for acc in accumulators:

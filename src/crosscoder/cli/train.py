@@ -65,19 +65,41 @@ def run(args: argparse.Namespace) -> int:
 
 
 def summary(out: Path, metrics: dict) -> str:
-    keys = ("loss", "l2_loss", "l0_loss", "explained_variance", "explained_variance_A", "explained_variance_B",
-            "dead_fraction", "tokens_per_s", "val/explained_variance", "val/l0_loss")
+    """Closing lines of ``crosscoder train``: final metrics, latent classes by decoder norm with the rules and
+    default thresholds of ``crosscoder analyze`` (``analysis/table.py``), and on a synthetic pair the
+    planted-feature recovery (also written to ``OUT/recovery.json``)."""
+    from ..analysis.table import CLASS_NAMES, latent_columns, thresholds_for
+    from ..model import CrossCoder
+
+    keys = (
+        "loss l2_loss l0_loss explained_variance explained_variance_A explained_variance_B dead_fraction "
+        "tokens_per_s val/explained_variance val/l0_loss"
+    ).split()
     lines = [f"saved crosscoder to {out}/ (config.json, model.safetensors, metrics.jsonl)"]
     lines += [f"  {k:<24} {metrics[k]:.4g}" for k in keys if k in metrics]
+    model = CrossCoder.from_pretrained(out)
+    t = thresholds_for(model.cfg.arch)
+    if model.cfg.n_models == 2:
+        cls = latent_columns(model, t)["class"]  # no data: decoder norms only
+        b = t.exclusive_band
+        lines.append(
+            f"latent classes by relative decoder norm r (crosscoder analyze's {model.cfg.arch} defaults: "
+            f"base_only r < {b:g}, ft_only r > {1 - b:g}, shared |r - 0.5| <= {t.shared_band:g}):"
+        )
+        lines.append(
+            "  " + "  ".join(f"{c} {int((cls == c).sum())}" for c in CLASS_NAMES) + f"  (of {len(cls)})"
+        )
+        lines.append(
+            f"  by decoder norm only: `crosscoder analyze {out}` also applies Latent Scaling (needs data)"
+        )
     cfg = json.loads((out / "config.json").read_text())
     gt = cfg.get("source", {}).get("ground_truth")
     if gt:
         from ..analysis.recovery import format_recovery, recovery
         from ..data.synthetic import GroundTruth
         from ..io import write_json
-        from ..model import CrossCoder
 
-        rec = recovery(CrossCoder.from_pretrained(out), GroundTruth.load(gt))
+        rec = recovery(model, GroundTruth.load(gt), thresholds=t)
         write_json(out / "recovery.json", rec)
         lines.append(format_recovery(rec))
     return "\n".join(lines)

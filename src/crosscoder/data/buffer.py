@@ -6,23 +6,24 @@ masking and outlier rules as ``crosscoder collect``). It serves batches in a ran
 the buffer has been served, the served rows are replaced by rows from NEW sequences of the text stream
 and the whole buffer is reshuffled. Every row is served exactly once.
 
-Normalisation: the first fill's float64 running statistics (exactly what ``collect`` stores in
-``meta.json``) give ``norm_scale = sqrt(d_model) / mean_norm`` per model; it is kept for the run (and
-restored on resume) so the crosscoder sees one fixed input space. ``val_tokens`` rows collected right
+Normalisation: the first fill gives the run's :class:`~crosscoder.normalization.Normalization` (per-model
+mean from the float64 running statistics, exactly what ``collect`` stores in ``meta.json``, and
+``norm_scale = sqrt(d_model) / E||x - mean||``); it is kept for the run (and restored on resume) so the
+crosscoder sees one fixed input space. ``val_tokens`` rows collected right
 after the first fill are held out for validation and never served for training.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
-from ..config import RunConfig
+from ..config import DEFAULT_VAL_TOKENS, RunConfig
 from ..errors import DataError
+from ..normalization import Normalization, estimate
 from .collect import PairCollector
 from .paired import RunningStats
 from .text import TokenSequence
@@ -35,7 +36,7 @@ class Buffer:
 
     def __init__(self, collector: PairCollector, sequences: Callable[[], Iterator[TokenSequence]], *,
                  buffer_tokens: int, batch_size: int, model_batch_size: int, seed: int = 0, val_tokens: int = 0,
-                 norm_scaling: bool = True, device: str | torch.device = "cpu", info: dict[str, Any] | None = None,
+                 norm_scaling: bool = True, norm_center: bool = True, device: str | torch.device = "cpu", info: dict[str, Any] | None = None,
                  source_name: str = "dataset") -> None:
         if buffer_tokens < 2 * batch_size:
             raise DataError(f"buffer_tokens: {buffer_tokens} must be at least twice the batch size ({batch_size})")
@@ -52,16 +53,19 @@ class Buffer:
         stats = RunningStats(self.n_models, self.d_model)
         stats.update(raw)
         self.stats = stats.to_dict()
-        mean_norm = stats.norm_sum / max(stats.count, 1)
-        self.norm_scale = ([math.sqrt(self.d_model) / max(float(v), 1e-12) for v in mean_norm]
-                           if norm_scaling else [1.0] * self.n_models)
-        self._scale = torch.tensor(self.norm_scale, dtype=torch.float32, device=self.device).view(1, -1, 1)
+        self._set_norm(estimate(raw, center=norm_center, scaling=norm_scaling,
+                                mean=torch.from_numpy(stats.mean) if norm_center else None))
         val, self.val_index = self._take(val_tokens) if val_tokens > 0 else (raw[:0], index[:0])
-        self.val = val.to(self.device) * self._scale
-        self.buf = raw.to(self.device) * self._scale
+        self.val = self.norm.apply_(val.to(self.device))
+        self.buf = self.norm.apply_(raw.to(self.device))
+        # [n_models, d_model] training-space mean of the first fill (b_dec_init="mean"; 0 when centred)
+        self.train_mean = None if self.norm.mean is not None else self.buf.double().mean(0).float().cpu()
         self.index = index.to(self.device)
         self._shuffle()
         self.last_index: torch.Tensor | None = None
+
+    def _set_norm(self, norm: Normalization) -> None:
+        self.norm, self.norm_scale, self.norm_mean = norm, list(norm.scale), norm.mean
 
     # ------------------------------------------------------------------ the text stream
     def _stream(self, start: int) -> Iterator[TokenSequence]:
@@ -119,7 +123,7 @@ class Buffer:
         """Replace the rows served since the last shuffle by new rows, then reshuffle everything."""
         served = self.perm[:self.pointer]
         raw, index = self._take(len(served))
-        self.buf[served] = raw.to(self.device) * self._scale
+        self.buf[served] = self.norm.apply_(raw.to(self.device))
         self.index[served] = index.to(self.device)
         self.refreshes += 1
         self._shuffle()
@@ -138,22 +142,33 @@ class Buffer:
         for i in range(0, len(self.val), self.batch_size):
             yield self.val[i:i + self.batch_size]
 
+    def sample_batches(self, n_tokens: int) -> Iterator[torch.Tensor]:
+        """Rows of the current buffer (seeded choice), without serving them or moving the stream."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + 0xCA1)
+        n = min(self.buffer_tokens, max(self.batch_size, n_tokens))
+        rows = torch.randperm(self.buffer_tokens, generator=g)[:n].to(self.device)
+        for i in range(0, n, self.batch_size):
+            yield self.buf[rows[i:i + self.batch_size]]
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "buffer", "batches_served": self._served, "next_sequence": self.next_seq,
-                "norm_scale": list(self.norm_scale), "refreshes": self.refreshes}
+                "norm_scale": list(self.norm_scale), "norm_mean": self.norm_mean, "refreshes": self.refreshes}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume: keep the saved normalisation and refill the whole buffer from the saved stream position."""
         self._served = int(state.get("batches_served", 0))
         self.refreshes = int(state.get("refreshes", 0)) + 1
         if state.get("norm_scale"):
-            new = torch.tensor(state["norm_scale"], dtype=torch.float32, device=self.device).view(1, -1, 1)
-            self.val = self.val / self._scale * new
-            self._scale, self.norm_scale = new, [float(v) for v in state["norm_scale"]]
+            new = Normalization([float(v) for v in state["norm_scale"]], state.get("norm_mean"))
+            raw_val = self.val / self.norm.scale_tensor(self.device)
+            if self.norm.mean is not None:
+                raw_val = raw_val + self.norm.mean_tensor(self.device)
+            self.val = new.apply_(raw_val)
+            self._set_norm(new)
         self._start_stream(int(state.get("next_sequence", self.next_seq)))
         raw, index = self._take(self.buffer_tokens)
-        self.buf = raw.to(self.device) * self._scale
+        self.buf = self.norm.apply_(raw.to(self.device))
         self.index = index.to(self.device)
         self._shuffle()
 
@@ -184,6 +199,8 @@ def buffer_source(cfg: RunConfig, device: str | torch.device) -> Buffer:
             "model_names": [m.name for m in collector.models], "site": d.site,
             "fingerprints": {"tokenizer": tok_info["base"]}, "tokenizer": tok_info,
             "revisions": [m.revision for m in collector.models]}
+    if cfg.train.val_tokens is None:  # the stream has no end: the default held-out size, within the buffer
+        cfg.train.val_tokens = min(DEFAULT_VAL_TOKENS, d.buffer_tokens // 4)
     return Buffer(collector, sequences, buffer_tokens=d.buffer_tokens, batch_size=cfg.train.batch_size,
                   model_batch_size=d.model_batch_size, seed=cfg.train.seed, val_tokens=cfg.train.val_tokens,
-                  norm_scaling=d.norm_scaling, device=device, info=info, source_name=d.dataset)
+                  norm_scaling=d.norm_scaling, norm_center=d.norm_center, device=device, info=info, source_name=d.dataset)

@@ -6,8 +6,9 @@ from a :class:`~crosscoder.data.paired.PairedCache`:
 * a seeded split holds out ``val_tokens`` rows that are never trained on;
 * the remaining rows are shuffled per epoch with ``seed`` (epoch ``e`` uses ``[seed, e]``), so batch
   ``t`` is a pure function of ``(seed, t)`` and resume only needs ``t`` (``state_dict``);
-* a background thread reads ahead ``prefetch`` batches from the memory maps; rows are multiplied by the
-  per-model ``norm_scale`` so that batches arrive in the normalised training space;
+* a background thread reads ahead ``prefetch`` batches from the memory maps; rows are mapped by the
+  run's :class:`~crosscoder.normalization.Normalization` (``norm_scale * (x - norm_mean)``) so that
+  batches arrive in the normalised training space;
 * under ``torchrun``, rank ``r`` of ``W`` serves rows ``[r*B/W, (r+1)*B/W)`` of each global batch of ``B``
   rows, so the union over ranks is exactly the single-process batch and the state is rank-independent.
 """
@@ -22,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from ..normalization import Normalization
 from .paired import PairedCache
 
 
@@ -30,7 +32,8 @@ class BatchSource(Protocol):
 
     n_models: int
     d_model: int
-    norm_scale: list[float]  # factor per model multiplying raw activations
+    norm_scale: list[float]  # factor per model multiplying raw activations (after centring)
+    norm_mean: list[list[float]] | None  # per-model mean subtracted first ([n_models][d_model]), or None
     info: dict[str, Any]  # fingerprints, model names, site ... recorded in config.json
 
     def next_batch(self) -> torch.Tensor:
@@ -38,6 +41,10 @@ class BatchSource(Protocol):
 
     def val_batches(self) -> Iterator[torch.Tensor]:
         """The held-out rows in fixed order, normalised (empty when there is no validation set)."""
+
+    def sample_batches(self, n_tokens: int) -> Iterator[torch.Tensor]:
+        """About ``n_tokens`` training rows, normalised, the same on every rank; the training stream's
+        position and state are left untouched (used to calibrate an inference threshold)."""
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -55,7 +62,7 @@ def split_rows(n_rows: int, val_tokens: int, seed: int) -> tuple[np.ndarray, np.
 class CacheBatches:
     """Shuffled, normalised, prefetched batches over a :class:`PairedCache` (see module docstring)."""
 
-    def __init__(self, cache: PairedCache, batch_size: int, seed: int, norm_scale: list[float],
+    def __init__(self, cache: PairedCache, batch_size: int, seed: int, norm: Normalization | list[float],
                  val_tokens: int = 0, prefetch: int = 4, device: str | torch.device = "cpu",
                  info: dict[str, Any] | None = None, rank: int = 0, world_size: int = 1) -> None:
         if batch_size % world_size:
@@ -66,10 +73,11 @@ class CacheBatches:
         self.rank, self.world_size = rank, world_size
         self.local_batch = batch_size // world_size
         self.n_models, self.d_model = cache.n_models, cache.d_model
-        self.norm_scale = list(norm_scale)
+        self.norm = norm if isinstance(norm, Normalization) else Normalization([float(v) for v in norm])
+        self.norm_scale, self.norm_mean = list(self.norm.scale), self.norm.mean
+        self.train_mean: torch.Tensor | None = None  # [n_models, d_model] training-space mean, set by the run
         self.info = dict(info or {})
         self.device = torch.device(device)
-        self._scale = torch.tensor(self.norm_scale, dtype=torch.float32).view(1, -1, 1)
         self.train_rows, self.val_rows = split_rows(cache.n_rows, val_tokens, seed)
         if len(self.train_rows) < batch_size:
             from ..errors import DataError
@@ -96,7 +104,7 @@ class CacheBatches:
     def _make(self, t: int) -> torch.Tensor:
         lo = self.rank * self.local_batch
         x = self.cache.read(self.rows_for(t)[lo:lo + self.local_batch])
-        x.mul_(self._scale)
+        self.norm.apply_(x)
         if self.device.type == "cuda":
             return x.pin_memory()
         return x
@@ -141,7 +149,16 @@ class CacheBatches:
         starts = range(0, len(self.val_rows), self.batch_size)
         for i in list(starts)[self.rank::self.world_size]:
             x = self.cache.read(self.val_rows[i:i + self.batch_size])
-            yield x.mul_(self._scale).to(self.device)
+            yield self.norm.apply_(x).to(self.device)
+
+    def sample_batches(self, n_tokens: int) -> Iterator[torch.Tensor]:
+        """The first ``n_tokens`` rows (whole batches, at least one) of a seeded permutation of the
+        training rows, independent of the rank and of the stream position."""
+        perm = np.random.default_rng([self.seed, 0xCA1]).permutation(self.train_rows)
+        n = min(len(perm), max(self.batch_size, n_tokens))
+        for lo in range(0, n, self.batch_size):
+            x = self.cache.read(np.sort(perm[lo:min(lo + self.batch_size, n)]))
+            yield self.norm.apply_(x).to(self.device)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

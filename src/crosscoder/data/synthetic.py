@@ -1,63 +1,216 @@
-"""A synthetic model pair with planted features of known class.
+"""A family of synthetic model pairs with planted features of known class (see ``docs/synthetic.md``).
 
 Each planted feature ``i`` has a unit direction per model ``dirs[i, m]`` and a strength per model
-``strength[i, m]`` (0 where the model lacks it). Paired activations are::
+``strength[i, m]`` (0 where the model lacks it). Paired activations ``x[n, m]`` (``[n_rows, 2, d_model]``)::
 
-    x[n, m] = sum_i a[n, i] * strength[i, m] * dirs[i, m] + noise * eps[n, m]
+    x[n, m] = sum_i a[n, i] * strength[i, m] * dirs[i, m] + offset[m] + noise * g_m * eps[n, m]
 
-with ``a[n, i] = Bernoulli(freq_i) * Uniform(0.5, 1.5)`` shared by both models (one token, one set of
-active concepts). Classes planted:
+with ``g = (1, norm_gap)`` and ``a[n, i] = active[n, i] * mag[n, i]`` shared by both models (one token,
+one set of active concepts). ``active`` is Bernoulli(``freq_i``) (log-uniform in ``[freq_min,
+freq_max]``) except for members of co-occurring groups (below); ``mag`` is drawn from ``magnitude``.
+Classes planted:
 
-* ``shared``      in both models; the fine-tuned direction is the base one rotated by ``shared_drift``;
+* ``shared``      in both models; the fine-tuned direction is the base one rotated by ``shared_drift``
+  radians and its strength is the base one times ``exp(gain_spread * N(0, 1))`` (recorded in ``gain``);
 * ``base_only``   base model only;  ``ft_only`` fine-tuned model only;
 * ``shared_weak`` shared, but the base model's strength is ``weak_scale`` times the fine-tuned one
   (fine-tuning amplified a concept the base model already had; its ground-truth class is ``shared``).
 
-Frequencies are log-uniform in ``[freq_min, freq_max]``.
+The fine-tuned model's whole activation (features, offset, noise) is multiplied by ``norm_gap``; the
+strengths and offsets of :class:`GroundTruth` include that factor, so ``vectors()`` is what each feature
+adds to each model's raw activation.
+
+Groups: ``n_groups`` disjoint groups of ``group_size`` features drawn at random among all features. The
+first member is the leader and fires as usual (Bernoulli of its frequency); every other member fires
+only together with its leader, independently with probability ``group_prob`` (so its frequency is
+``group_prob`` times the leader's, which is what ``GroundTruth.freq`` records).
+
+Offsets: with ``mean_offset > 0`` model ``m`` gets a constant vector of norm ``mean_offset`` times the RMS
+norm of its feature part, ``sqrt(E||sum_i a_i strength_im dirs_im||^2)`` (computed exactly from the
+frequencies, groups, magnitude moments and vectors: :meth:`GroundTruth.feature_rms`). The fine-tuned
+offset direction is the base one rotated by ``offset_drift`` radians towards a random direction.
+
+With every new knob neutral (the defaults) no extra random numbers are drawn: ``SyntheticConfig()`` gives
+the same pair, bit for bit, as before the knobs existed.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..errors import ConfigError
+
 CLASSES = ("shared", "base_only", "ft_only", "shared_weak")
+# magnitude distribution -> (E[mag], E[mag^2])
+MAGNITUDES = {
+    "uniform": (1.0, 1.0 + 1.0 / 12.0),
+    "exponential": (1.0, 2.0),
+    "lognormal": (math.exp(0.125), math.exp(0.5)),
+}
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class SyntheticConfig:
-    d_model: int = 64
-    n_shared: int = 96
-    n_base_only: int = 32
-    n_ft_only: int = 32
-    n_shared_weak: int = 16
-    weak_scale: float = 0.3
-    shared_drift: float = 0.2
-    freq_min: float = 0.004
-    freq_max: float = 0.04
-    noise: float = 0.02
-    seed: int = 1234
+    """One synthetic pair. Every field is a ``crosscoder synth`` flag (``--n-shared`` ...)."""
+
+    d_model: int = _f(64, "activation width")
+    n_shared: int = _f(96, "planted features shared by both models")
+    n_base_only: int = _f(32, "planted features of the base model only")
+    n_ft_only: int = _f(32, "planted features of the fine-tuned model only")
+    n_shared_weak: int = _f(16, "shared features the fine-tuned model amplified (base strength weak_scale)")
+    weak_scale: float = _f(0.3, "base strength of the shared_weak features (fine-tuned: 1)")
+    shared_drift: float = _f(0.2, "rotation (radians) of every shared feature between the models")
+    freq_min: float = _f(0.004, "lowest firing frequency (frequencies are log-uniform)")
+    freq_max: float = _f(0.04, "highest firing frequency")
+    noise: float = _f(0.02, "std of the isotropic Gaussian noise per coordinate")
+    seed: int = _f(1234, "random seed of the features and the rows")
+    mean_offset: float = _f(0.0, "per-model constant offset, as a multiple of the feature part's RMS norm")
+    offset_drift: float = _f(0.3, "angle (radians) between the two models' offsets (with mean_offset > 0)")
+    norm_gap: float = _f(1.0, "factor multiplying the fine-tuned model's whole activation")
+    gain_spread: float = _f(0.0, "shared features: ft strength = base strength * exp(gain_spread * N(0,1))")
+    magnitude: str = _f(
+        "uniform",
+        "active magnitudes: uniform (U(0.5,1.5)), exponential (mean 1), lognormal (median 1, sigma 0.5)",
+    )
+    n_groups: int = _f(0, "groups of co-occurring features (members fire only with their leader)")
+    group_size: int = _f(4, "features per group, leader included")
+    group_prob: float = _f(0.8, "probability that a member fires when its group's leader fires")
 
     @property
     def n_features(self) -> int:
         return self.n_shared + self.n_base_only + self.n_ft_only + self.n_shared_weak
 
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` (one line naming the field) on nonsense values."""
+        for name in ("n_shared", "n_base_only", "n_ft_only", "n_shared_weak", "n_groups"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.d_model <= 0:
+            raise ConfigError(f"d_model: must be positive, got {self.d_model}")
+        if self.n_features <= 0:
+            raise ConfigError("n_shared: at least one planted feature is needed (all counts are 0)")
+        for name in ("weak_scale", "norm_gap"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"{name}: must be positive, got {v}")
+        for name in ("noise", "mean_offset", "gain_spread"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"{name}: must be >= 0, got {v}")
+        for name in ("shared_drift", "offset_drift"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name}: must be finite, got {getattr(self, name)}")
+        if not 0 < self.freq_min <= 1:
+            raise ConfigError(f"freq_min: must be in (0, 1], got {self.freq_min}")
+        if not 0 < self.freq_max <= 1:
+            raise ConfigError(f"freq_max: must be in (0, 1], got {self.freq_max}")
+        if self.freq_min > self.freq_max:
+            raise ConfigError(f"freq_min: {self.freq_min} is above freq_max {self.freq_max}")
+        if self.magnitude not in MAGNITUDES:
+            raise ConfigError(f"magnitude: unknown {self.magnitude!r} (choices: {', '.join(MAGNITUDES)})")
+        if not 0 <= self.group_prob <= 1:
+            raise ConfigError(f"group_prob: must be in [0, 1], got {self.group_prob}")
+        if self.n_groups:
+            if self.group_size < 2:
+                raise ConfigError(f"group_size: must be >= 2 with n_groups > 0, got {self.group_size}")
+            if self.n_groups * self.group_size > self.n_features:
+                raise ConfigError(
+                    f"n_groups: {self.n_groups} groups of {self.group_size} need "
+                    f"{self.n_groups * self.group_size} features, only {self.n_features} planted"
+                )
+
+
+# Named members of the family: overrides of SyntheticConfig (see docs/synthetic.md for their statistics).
+_CROWDED = {"d_model": 64, "n_shared": 136, "n_base_only": 48, "n_ft_only": 48, "n_shared_weak": 24}
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "offset": {"mean_offset": 7.0},
+    "norm_gap": {"norm_gap": 3.0, "gain_spread": 0.3},
+    "crowded": {**_CROWDED, "shared_drift": 0.3, "gain_spread": 0.3},
+    "correlated": {
+        "n_groups": 16,
+        "group_size": 4,
+        "group_prob": 0.8,
+        "magnitude": "lognormal",
+        "freq_min": 0.005,
+        "freq_max": 0.05,
+    },
+    "mixed": {**_CROWDED, "shared_drift": 0.3, "gain_spread": 0.3, "mean_offset": 7.0, "norm_gap": 3.0},
+}
+
+
+def preset_config(name: str, **overrides: Any) -> SyntheticConfig:
+    """The preset ``name`` with ``overrides`` (field values) on top, validated."""
+    if name not in PRESETS:
+        raise ConfigError(f"preset: unknown {name!r} (choices: {', '.join(PRESETS)})")
+    known = {f.name for f in fields(SyntheticConfig)}
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise ConfigError(f"{bad[0]}: not a synthetic-pair field")
+    cfg = SyntheticConfig(**{**PRESETS[name], **overrides})
+    cfg.validate()
+    return cfg
+
 
 @dataclass
 class GroundTruth:
     dirs: torch.Tensor  # [n_features, 2, d_model] unit vectors (zeros where absent)
-    strength: torch.Tensor  # [n_features, 2]
-    freq: torch.Tensor  # [n_features]
+    strength: torch.Tensor  # [n_features, 2], norm_gap and gains included
+    freq: torch.Tensor  # [n_features] marginal firing frequency
     classes: list[str]  # planted class per feature
     config: SyntheticConfig
+    offset: torch.Tensor | None = None  # [2, d_model] constant per-model offset (zeros: none)
+    gain: torch.Tensor | None = None  # [n_features] planted ft/base re-weighting (1: none; norm_gap excluded)
+    groups: torch.Tensor | None = None  # [n_groups, group_size] feature indices, leader first
+
+    def __post_init__(self) -> None:
+        n, d = self.dirs.shape[0], self.dirs.shape[-1]
+        if self.offset is None:
+            self.offset = torch.zeros(2, d)
+        if self.gain is None:
+            self.gain = torch.ones(n)
+        if self.groups is None:
+            self.groups = torch.zeros(0, max(self.config.group_size, 0), dtype=torch.long)
 
     def vectors(self) -> torch.Tensor:
         """``[n_features, 2, d_model]``: strength-weighted directions (what each feature adds)."""
         return self.dirs * self.strength[..., None]
+
+    def expected_active(self) -> float:
+        """Expected number of active planted features per token (sum of frequencies)."""
+        return float(self.freq.double().sum())
+
+    def coactivation(self) -> torch.Tensor:
+        """``[n_features, n_features]`` float64: P(i and j active) off the diagonal, P(i active) on it."""
+        f = self.freq.double()
+        p = torch.outer(f, f)
+        p2 = self.config.group_prob
+        for grp in self.groups.tolist():
+            lead, mem = grp[0], grp[1:]
+            for a in mem:
+                p[lead, a] = p[a, lead] = f[lead] * p2
+                for b in mem:
+                    p[a, b] = f[lead] * p2 * p2
+        p.fill_diagonal_(0.0)
+        return p + torch.diag(f)
+
+    def feature_rms(self) -> torch.Tensor:
+        """``[2]`` float64: ``sqrt(E||sum_i a_i v_im||^2)`` per model, exact for the generative model."""
+        mean, second = MAGNITUDES[self.config.magnitude]
+        p = self.coactivation()
+        m = p * mean**2
+        m.diagonal().copy_(p.diagonal() * second)
+        v = self.vectors().double()  # [F, 2, d]
+        return torch.stack([(m * (v[:, k] @ v[:, k].T)).sum().clamp_min(0).sqrt() for k in range(2)])
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
@@ -66,12 +219,22 @@ class GroundTruth:
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        t = {
+            "dirs": self.dirs,
+            "strength": self.strength,
+            "freq": self.freq,
+            "offset": self.offset,
+            "gain": self.gain,
+        }
+        if self.groups.numel():
+            t["groups"] = self.groups
         with atomic_path(path / "ground_truth.safetensors") as tmp:
-            save_file({"dirs": self.dirs, "strength": self.strength, "freq": self.freq}, str(tmp))
+            save_file({k: v.contiguous() for k, v in t.items()}, str(tmp))
         write_json(path / "ground_truth.json", {"classes": self.classes, "config": asdict(self.config)})
 
     @classmethod
     def load(cls, path: str | Path) -> GroundTruth:
+        """Read a folder written by :meth:`save` (older folders lack offset/gain/groups: defaults)."""
         import json
 
         from safetensors.torch import load_file
@@ -79,11 +242,23 @@ class GroundTruth:
         path = Path(path)
         t = load_file(str(path / "ground_truth.safetensors"))
         meta = json.loads((path / "ground_truth.json").read_text())
-        return cls(t["dirs"], t["strength"], t["freq"], meta["classes"], SyntheticConfig(**meta["config"]))
+        known = {f.name for f in fields(SyntheticConfig)}
+        cfg = SyntheticConfig(**{k: v for k, v in meta["config"].items() if k in known})
+        return cls(
+            t["dirs"],
+            t["strength"],
+            t["freq"],
+            meta["classes"],
+            cfg,
+            t.get("offset"),
+            t.get("gain"),
+            t.get("groups"),
+        )
 
 
 def plant(cfg: SyntheticConfig) -> GroundTruth:
     """Draw the planted features (deterministic in ``cfg.seed``)."""
+    cfg.validate()
     g = torch.Generator().manual_seed(cfg.seed)
     n, d = cfg.n_features, cfg.d_model
     base = torch.randn(n, d, generator=g)
@@ -93,8 +268,12 @@ def plant(cfg: SyntheticConfig) -> GroundTruth:
     other = other / other.norm(dim=-1, keepdim=True)
     theta = cfg.shared_drift
     ft = math.cos(theta) * base + math.sin(theta) * other
-    classes = (["shared"] * cfg.n_shared + ["base_only"] * cfg.n_base_only + ["ft_only"] * cfg.n_ft_only
-               + ["shared_weak"] * cfg.n_shared_weak)
+    classes = (
+        ["shared"] * cfg.n_shared
+        + ["base_only"] * cfg.n_base_only
+        + ["ft_only"] * cfg.n_ft_only
+        + ["shared_weak"] * cfg.n_shared_weak
+    )
     strength = torch.ones(n, 2)
     for i, c in enumerate(classes):
         if c == "base_only":
@@ -106,18 +285,63 @@ def plant(cfg: SyntheticConfig) -> GroundTruth:
     dirs = torch.stack([base, ft], dim=1) * (strength > 0)[..., None]
     u = torch.rand(n, generator=g)
     freq = torch.exp(math.log(cfg.freq_min) + u * (math.log(cfg.freq_max) - math.log(cfg.freq_min)))
-    return GroundTruth(dirs=dirs, strength=strength, freq=freq, classes=classes, config=cfg)
+    # New knobs: each draws from `g` only when it is not neutral, after everything above.
+    gain = torch.ones(n)
+    if cfg.gain_spread > 0:
+        z = torch.randn(n, generator=g)
+        shared = torch.tensor([c == "shared" for c in classes])
+        gain = torch.where(shared, torch.exp(cfg.gain_spread * z), gain)
+        strength[:, 1] = strength[:, 1] * gain
+    groups = None
+    if cfg.n_groups:
+        groups = torch.randperm(n, generator=g)[: cfg.n_groups * cfg.group_size].view(cfg.n_groups, -1)
+        freq[groups[:, 1:]] = freq[groups[:, :1]] * cfg.group_prob
+    if cfg.norm_gap != 1.0:
+        strength[:, 1] = strength[:, 1] * cfg.norm_gap
+    gt = GroundTruth(
+        dirs=dirs, strength=strength, freq=freq, classes=classes, config=cfg, gain=gain, groups=groups
+    )
+    if cfg.mean_offset > 0:
+        o = torch.randn(2, d, generator=g, dtype=torch.float64)
+        o0 = o[0] / o[0].norm()
+        o1 = o[1] - (o[1] @ o0) * o0
+        o1 = math.cos(cfg.offset_drift) * o0 + math.sin(cfg.offset_drift) * o1 / o1.norm()
+        rms = gt.feature_rms()
+        gt.offset = (torch.stack([o0, o1]) * (cfg.mean_offset * rms)[:, None]).float()
+    return gt
+
+
+def _magnitudes(kind: str, shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    if kind == "uniform":
+        return 0.5 + torch.rand(shape, generator=generator)
+    if kind == "exponential":
+        return -torch.log1p(-torch.rand(shape, generator=generator))
+    return torch.exp(0.5 * torch.randn(shape, generator=generator))  # lognormal, median 1
+
+
+def activity(gt: GroundTruth, n_rows: int, generator: torch.Generator) -> torch.Tensor:
+    """``a [n_rows, n_features]``: the active features' magnitudes (0 where inactive) of ``n_rows`` tokens."""
+    cfg, freq = gt.config, gt.freq
+    u = torch.rand(n_rows, freq.shape[0], generator=generator)
+    active = u < freq
+    if gt.groups.numel():
+        lead, mem = gt.groups[:, :1], gt.groups[:, 1:]  # [G, 1], [G, S-1]
+        active[:, mem.reshape(-1)] = (active[:, lead] & (u[:, mem] < cfg.group_prob)).reshape(n_rows, -1)
+    return active * _magnitudes(cfg.magnitude, (n_rows, freq.shape[0]), generator)
 
 
 def sample(gt: GroundTruth, n_rows: int, generator: torch.Generator) -> torch.Tensor:
     """``n_rows`` paired activations ``[n_rows, 2, d_model]`` float32."""
-    freq = gt.freq
-    active = torch.rand(n_rows, freq.shape[0], generator=generator) < freq
-    mag = 0.5 + torch.rand(n_rows, freq.shape[0], generator=generator)
-    a = active * mag  # [n, F]
-    vec = gt.vectors().reshape(freq.shape[0], -1)  # [F, 2*d]
+    cfg = gt.config
+    a = activity(gt, n_rows, generator)  # [n, F]
+    vec = gt.vectors().reshape(a.shape[1], -1)  # [F, 2*d]
     x = (a @ vec).view(n_rows, 2, -1)
-    return x + gt.config.noise * torch.randn(x.shape, generator=generator)
+    if bool(gt.offset.any()):
+        x = x + gt.offset
+    eps = torch.randn(x.shape, generator=generator)
+    if cfg.norm_gap != 1.0:
+        eps[:, 1] *= cfg.norm_gap
+    return x + cfg.noise * eps
 
 
 def generate(cfg: SyntheticConfig, n_rows: int, chunk: int = 65536) -> tuple[GroundTruth, Any]:
@@ -142,9 +366,18 @@ def write_cache(cfg: SyntheticConfig, n_rows: int, path: str | Path) -> GroundTr
 
     gt, chunks = generate(cfg, n_rows)
     with atomic_dir(path) as tmp:
-        w = PairedCacheWriter(tmp, 2, cfg.d_model, "float32", shard_rows=1 << 20,
-                              meta={"models": [{"name": "synthetic-base"}, {"name": "synthetic-ft"}],
-                                    "site": "synthetic", "source": {"synthetic": asdict(cfg), "rows": n_rows}})
+        w = PairedCacheWriter(
+            tmp,
+            2,
+            cfg.d_model,
+            "float32",
+            shard_rows=1 << 20,
+            meta={
+                "models": [{"name": "synthetic-base"}, {"name": "synthetic-ft"}],
+                "site": "synthetic",
+                "source": {"synthetic": asdict(cfg), "rows": n_rows},
+            },
+        )
         for x in chunks:
             w.add(x)
         w.close()
@@ -152,7 +385,9 @@ def write_cache(cfg: SyntheticConfig, n_rows: int, path: str | Path) -> GroundTr
     return gt
 
 
-def write_hf_pair(cfg: SyntheticConfig, n_rows: int, out: str | Path, column: str = "activation") -> GroundTruth:
+def write_hf_pair(
+    cfg: SyntheticConfig, n_rows: int, out: str | Path, column: str = "activation"
+) -> GroundTruth:
     """``crosscoder synth``: two aligned HF datasets (``OUT/base``, ``OUT/ft``) plus ``OUT/ground_truth``."""
     import numpy as np
     import pyarrow as pa

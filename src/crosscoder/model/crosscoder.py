@@ -9,11 +9,13 @@ Shapes (the community's convention)::
     b_dec  [n_models, d_model]
     f      [batch, d_latent]              latents
 
-``norm_scale [n_models]`` records the factors that map raw activations to the normalised training
-space. A model trained on normalised inputs has ``norm_scale == 1``; :meth:`CrossCoder.fold` folds the
-factors into the weights so the crosscoder applies to raw activations, and keeps the factors so that
-decoder norms (the L1 weighting, the BatchTopK scores, the diffing metrics) are still measured in the
-normalised space: latents are identical before and after folding.
+``norm_scale [n_models]`` and ``norm_mean [n_models, d_model]`` record the map from raw activations to
+the normalised training space, ``x' = norm_scale * (x - norm_mean)`` (see
+:mod:`crosscoder.normalization`). A model trained on normalised inputs has ``norm_scale == 1`` and
+``norm_mean == 0``; :meth:`CrossCoder.fold` folds the map into the weights so the crosscoder applies to
+raw activations, and keeps the factors so that decoder norms (the L1 weighting, the BatchTopK scores,
+the diffing metrics) are still measured in the normalised space: latents are identical before and
+after folding.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,7 @@ from torch import nn
 from ..config import CrossCoderConfig
 from ..errors import CrossCoderError
 from ..io import atomic_path
+from ..normalization import Normalization
 from .registry import get_architecture
 
 CONFIG_NAME = "config.json"
@@ -57,6 +61,8 @@ class CrossCoder(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(m, d))
         scale = torch.tensor(cfg.norm_scale if cfg.norm_scale is not None else [1.0] * m, dtype=torch.float32)
         self.register_buffer("norm_scale", scale, persistent=False)
+        mean = torch.tensor(cfg.norm_mean, dtype=torch.float32) if cfg.norm_mean is not None else torch.zeros(m, d)
+        self.register_buffer("norm_mean", mean, persistent=False)
         # BatchTopK inference threshold on decoder-norm-weighted activations (-1 = not yet set).
         self.register_buffer("threshold", torch.tensor(-1.0))
         self.arch = get_architecture(cfg.arch)(self)
@@ -108,21 +114,66 @@ class CrossCoder(nn.Module):
         ema = torch.where(self.threshold < 0, smallest, beta * self.threshold + (1 - beta) * smallest)
         self.threshold.copy_(torch.where(torch.isfinite(smallest), ema, self.threshold))
 
-    # ------------------------------------------------------------------ normalisation
     @torch.no_grad()
-    def fold(self, norm_scale: torch.Tensor | list[float]) -> CrossCoder:
-        """Fold per-model input factors into the weights (in place) so the model takes raw inputs.
+    def calibrate_threshold(self, batches: Iterable[torch.Tensor]) -> int:
+        """BatchTopK: set the inference threshold so that eval mode keeps ``k`` latents per row on average.
 
-        With ``s = norm_scale``: ``W_enc[m] *= s[m]``, ``W_dec[:, m] /= s[m]``, ``b_dec[m] /= s[m]``.
-        Latents on raw ``x`` then equal the unfolded latents on ``s * x``; reconstructions come out in
-        raw units.
+        ``batches`` yield rows ``[n, n_models, d_model]`` in the model's input space. Over all ``N`` rows
+        the threshold becomes the ``(k N + 1)``-th largest score ``relu(pre) * weight`` (0 when fewer
+        are positive), so ``score > threshold`` keeps exactly ``k N`` entries on these rows (ties aside).
+        The scores of the final weights are used, unlike the training EMA, which lags while the scores
+        grow. Returns ``N``.
         """
-        s = torch.as_tensor(norm_scale, dtype=torch.float32, device=self.W_enc.device)
-        if not torch.all(self.norm_scale == 1):
+        k = self.cfg.k
+        weight = self.latent_weight().float()
+        top: torch.Tensor | None = None
+        n = 0
+        for x in batches:
+            scores = (torch.relu(self.encode_pre(x.to(self.W_enc.device).float())) * weight).flatten()
+            n += x.shape[0]
+            cand = scores if top is None else torch.cat([top, scores])
+            top = cand.topk(min(k * n + 1, cand.numel()), sorted=False).values
+        if top is None:
+            return 0
+        t = float(top.min()) if top.numel() == k * n + 1 else 0.0
+        self.threshold.fill_(max(t, 0.0))
+        return n
+
+    # ------------------------------------------------------------------ normalisation
+    def normalization(self) -> Normalization:
+        """The recorded raw -> training-space map (identity for an unfolded model)."""
+        mu = self.norm_mean.detach().cpu()
+        return Normalization([float(v) for v in self.norm_scale.tolist()],
+                             [[float(v) for v in row] for row in mu.tolist()] if torch.any(mu != 0) else None)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw ``x [batch, n_models, d_model]`` -> normalised training space ``norm_scale * (x - norm_mean)``."""
+        return (x.float() - self.norm_mean) * self.norm_scale[:, None]
+
+    @torch.no_grad()
+    def fold(self, norm_scale: torch.Tensor | list[float],
+             norm_mean: torch.Tensor | list[list[float]] | None = None) -> CrossCoder:
+        """Fold the input map ``x' = s * (x - mu)`` into the weights (in place) so the model takes raw inputs.
+
+        With ``s = norm_scale [n_models]`` and ``mu = norm_mean [n_models, d_model]`` (default 0):
+        ``W_enc[m] *= s[m]``, ``b_enc -= sum_m mu[m] @ W_enc[m]`` (the scaled encoder),
+        ``W_dec[:, m] /= s[m]``, ``b_dec[m] = b_dec[m] / s[m] + mu[m]``. Latents on raw ``x`` then equal the
+        unfolded latents on ``x'``; reconstructions come out in raw units.
+        """
+        dev = self.W_enc.device
+        s = torch.as_tensor(norm_scale, dtype=torch.float32, device=dev)
+        if not torch.all(self.norm_scale == 1) or torch.any(self.norm_mean != 0):
             raise CrossCoderError("fold: model is already folded")
         self.W_enc.mul_(s[:, None, None])
         self.W_dec.div_(s[None, :, None])
         self.b_dec.div_(s[:, None])
+        if norm_mean is not None:
+            mu = torch.as_tensor(norm_mean, dtype=torch.float32, device=dev)
+            shift = torch.einsum("md,mdh->h", mu.double(), self.W_enc.double())
+            self.b_enc.copy_((self.b_enc.double() - shift).float())
+            self.b_dec.add_(mu)
+            self.norm_mean.copy_(mu)
+            self.cfg.norm_mean = [[float(v) for v in row] for row in mu.tolist()]
         self.norm_scale.copy_(s)
         self.cfg.norm_scale = [float(v) for v in s.tolist()]
         return self
@@ -130,7 +181,13 @@ class CrossCoder(nn.Module):
     @torch.no_grad()
     def unfold(self) -> CrossCoder:
         """Inverse of :meth:`fold`: weights back in the normalised training space (in place)."""
-        s = self.norm_scale.clone()
+        s, mu = self.norm_scale.clone(), self.norm_mean.clone()
+        if torch.any(mu != 0):
+            shift = torch.einsum("md,mdh->h", mu.double(), self.W_enc.double())
+            self.b_enc.copy_((self.b_enc.double() + shift).float())
+            self.b_dec.sub_(mu)
+            self.norm_mean.zero_()
+            self.cfg.norm_mean = None
         self.W_enc.div_(s[:, None, None])
         self.W_dec.mul_(s[None, :, None])
         self.b_dec.mul_(s[:, None])
@@ -149,6 +206,8 @@ class CrossCoder(nn.Module):
 
         d = dataclasses.asdict(self.cfg)
         d["norm_scale"] = [float(v) for v in self.norm_scale.tolist()]
+        mu = self.norm_mean.detach().cpu()
+        d["norm_mean"] = [[float(v) for v in row] for row in mu.tolist()] if torch.any(mu != 0) else None
         if self.cfg.arch == "batchtopk":
             d["threshold"] = float(self.threshold)
         d["library"] = "crosscoder"

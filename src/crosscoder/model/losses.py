@@ -10,8 +10,8 @@ weight (sum over models of decoder norms, or the concatenated norm):
 * ``explained_variance_A`` (``_B``, ``_C`` ...) the same restricted to model 0 (1, 2 ...)
 * ``explained_variance_legacy`` = mean_b (1 - SSE_b / SST_b), the per-token variant (Kissane)
 * ``aux_loss`` (AuxK): residual ``e = x - x_hat`` (detached) reconstructed by the top ``aux_k`` dead
-  latents of each token (decoder without bias), ``sum (e - e_hat)^2 / sum (e - mean_b e)^2``; zero when no
-  latent is dead.
+  latents of each token (decoder without bias), ``sum (e - e_hat)^2 / max(sum (e - mean_b e)^2,
+  sum e^2 / 10)`` (see :func:`aux_loss_from` for the floor); zero when no latent is dead.
 * ``loss`` = l2_loss + l1_coeff * l1_loss (architectures with L1) + aux_coeff * aux_loss (when aux_k > 0)
 """
 
@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .crosscoder import CrossCoder
 from .registry import Latents
@@ -40,6 +39,7 @@ class LossOutput:
     loss: torch.Tensor  # scalar, with graph
     metrics: dict[str, torch.Tensor]  # detached scalars on the model's device
     latents: Latents  # dense or sparse latents (no graph); .fired() [d_latent] bool
+    x_hat: torch.Tensor | None = None  # [batch, n_models, d_model] reconstruction (no graph)
 
     @property
     def f(self) -> torch.Tensor:
@@ -83,38 +83,44 @@ def l2_loss(x: torch.Tensor, x_hat: torch.Tensor, kind: str = "squared") -> torc
     return diff.pow(2).sum((1, 2)).mean()
 
 
+#: AuxK's denominator is floored at this fraction of the residual's energy (see :func:`aux_loss_from`).
+AUX_ENERGY_FLOOR = 0.1
+
+
 def aux_loss_from(e_hat: torch.Tensor, residual: torch.Tensor, scale: torch.Tensor | None,
                   dist_sum: DistSum | None = None, world_size: int = 1) -> torch.Tensor:
     """AuxK loss from ``e_hat [batch, n_models * d_model]`` (the dead latents' reconstruction of the
     residual) and ``residual [batch, n_models, d_model]`` (detached); ``scale`` = ``dead.any()``.
 
-    Under ``dist_sum`` the denominator is the global residual variance and the local numerator is scaled
-    by ``world_size``, so that averaging gradients (and values) over ranks gives the global loss."""
+    ``sum (e - e_hat)^2 / max(C, U / 10)`` with ``C = sum (e - mean_b e)^2`` the residual's variance about
+    the batch mean and ``U = sum e^2`` its energy. ``C`` alone makes the loss scale-free (the fraction of
+    the residual's variance left unexplained), but it is 0 for one row (or identical rows), and the loss
+    then blew up to ``~1e12`` through a ``1e-12`` clamp. As ``C <= U``, the floor ``U / 10`` binds only
+    when more than 90% of the residual's energy is an offset shared by the whole batch: not in ordinary
+    training (``b_dec`` starts at the data mean by default and keeps the residual about centred; the loss
+    is then exactly the usual one), always for a single row. The loss stays continuous in the data and at most
+    ``10 sum (e - e_hat)^2 / sum e^2`` (ten times the residual's normalised MSE: 10 when the dead latents
+    explain nothing, ``e_hat = 0``) whatever the batch size. ``1e-12`` only guards ``e == 0`` exactly.
+
+    Under ``dist_sum`` ``C`` and ``U`` are those of the global batch (from the summed moments, in float64)
+    and the local numerator is scaled by ``world_size``, so that averaging gradients (and values) over
+    ranks gives the global loss."""
     e = residual.reshape(residual.shape[0], -1)
     num = (e - e_hat).pow(2).sum()
     if dist_sum is None:
-        den = (e - e.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
+        ed = e.detach()
+        centred, energy = (ed - ed.mean(0, keepdim=True)).pow(2).sum(), ed.pow(2).sum()
     else:
         ed = e.detach().double()
         st = dist_sum(torch.cat([ed.sum(0), ed.pow(2).sum().reshape(1),
                                  torch.tensor([e.shape[0]], dtype=torch.float64, device=e.device)]))
-        den = (st[-2] - st[:-2].pow(2).sum() / st[-1]).float().clamp_min(1e-12)
+        energy = st[-2]
+        centred = energy - st[:-2].pow(2).sum() / st[-1]
+        centred, energy = centred.float(), energy.float()
         num = num * world_size
+    den = torch.maximum(centred, AUX_ENERGY_FLOOR * energy).clamp_min(1e-12)
     out = num / den
     return out * scale.to(num.dtype) if scale is not None else out
-
-
-def aux_loss(model: CrossCoder, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor,
-             aux_k: int) -> torch.Tensor:
-    """Dense AuxK loss. ``pre [batch, d_latent]``, ``residual [batch, n_models, d_model]`` (detached),
-    ``dead [d_latent]`` bool. Zero (value and gradient) when no latent is dead; no host sync."""
-    b = pre.shape[0]
-    k = min(aux_k, pre.shape[1])
-    dead_acts = torch.relu(pre) * dead.to(pre.dtype)  # [b, h], zero outside dead latents
-    vals, idx = dead_acts.topk(k, dim=-1, sorted=False)  # [b, k]
-    w_flat = model.W_dec.reshape(model.cfg.d_latent, -1)  # [h, m*d]
-    e_hat = F.embedding_bag(idx, w_flat, per_sample_weights=vals.to(w_flat.dtype), mode="sum")  # [b, m*d]
-    return aux_loss_from(e_hat, residual.reshape(b, -1), dead.any())
 
 
 def compute_loss(model: CrossCoder, x: torch.Tensor, *, l1_coeff: float | torch.Tensor = 0.0,
@@ -153,4 +159,4 @@ def compute_loss(model: CrossCoder, x: torch.Tensor, *, l1_coeff: float | torch.
             l0_loss=fw.latents.l0(),
             **reconstruction_metrics(x, x_hat.detach(), dist_sum),
         )
-    return LossOutput(loss=loss, metrics=metrics, latents=fw.latents)
+    return LossOutput(loss=loss, metrics=metrics, latents=fw.latents, x_hat=x_hat.detach())

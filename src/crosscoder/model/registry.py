@@ -226,6 +226,13 @@ class Vanilla(Architecture):
 class BatchTopK(Architecture):
     """Keep the ``k * batch`` largest ``relu(pre) * weight`` over the whole batch (raw values kept).
 
+    Only positive scores are ever kept: an entry of score exactly 0 (``pre <= 0``, or a latent whose
+    decoder norm is exactly 0) is inactive even when fewer than ``k * batch`` scores are positive. It
+    would add nothing to the reconstruction, yet would count in ``l0`` and in ``fired`` (resetting the
+    dead-latent counter of a latent that cannot contribute) and would feed its decoder row a gradient that
+    a zero-norm latent never gets when enough scores are positive. The dense rule, both selection methods
+    and the eval-mode threshold rule (``score > threshold >= 0``) all follow this.
+
     While training, the smallest kept score feeds an EMA (``threshold_beta``) stored in the model's
     ``threshold`` buffer; in eval mode a latent is active when its score exceeds that threshold, so
     inference does not depend on the batch. Before any training step (threshold < 0) eval mode falls
@@ -246,7 +253,9 @@ class BatchTopK(Architecture):
             return acts * (scores > model.threshold)
         n_keep = min(model.cfg.k * pre.shape[0], scores.numel())
         vals, idx = scores.flatten().topk(n_keep, sorted=False)
-        mask = torch.zeros_like(scores).flatten().scatter_(0, idx, 1.0).view_as(scores)
+        # zero scores fill the top-k when fewer than n_keep are positive: never active (class docstring)
+        keep = (vals > 0).to(scores.dtype)
+        mask = torch.zeros_like(scores).flatten().scatter_(0, idx, keep).view_as(scores)
         if training:
             model.update_threshold(vals)
         return acts * mask
@@ -302,9 +311,12 @@ class BatchTopK(Architecture):
                 if model.training:
                     model.update_threshold(kept)
         sel = Selection.from_flat(flat, b, h)
+        if method == "topk":  # sync-free: zero-score entries (filling k * b) are masked, not removed
+            positive = (scores > 0).to(scores.dtype)
+            mask = positive if mask is None else mask * positive
         (raw,), e_hat, scale = self._encode_with_aux(x2, pre, (sel,), aux_k, dead)
-        acts = torch.relu(raw)  # [N]; raw > 0 except zero-score entries of the "topk" method
-        if mask is not None:  # distributed "topk" selection: candidates not kept globally contribute 0
+        acts = torch.relu(raw)  # [N]
+        if mask is not None:  # "topk": zero scores and (distributed) candidates not kept globally give 0
             acts = acts * mask.to(acts.dtype)
         x_hat = (sparse_decode(acts, w_dec2, sel) + b_dec2).view_as(x)
         l1 = (acts * weight[sel.cols].to(acts.dtype)).sum() / b

@@ -142,10 +142,15 @@ def select_batch_topk(pre: torch.Tensor, weight: torch.Tensor, n_keep: int, meth
       that about 1.3 ``n_keep`` entries exceed it; the candidates above it are collected with one compare
       and one ``nonzero`` and the exact top ``n_keep`` taken among them. It is exact when at least ``n_keep``
       candidates score above ``t0`` (checked with one host read; otherwise ``t0`` is lowered and retried;
-      ``t0 = 0`` takes every positive score). Entries with score 0 are never returned: they contribute
-      nothing (value 0, gradient 0) where the dense rule would keep them to fill ``n_keep``.
+      ``t0 = 0`` takes every positive score). Entries with score 0 are never returned, so fewer than
+      ``n_keep`` come back when fewer scores are positive.
     * ``method="topk"`` (CUDA): one ``topk`` over the flattened scores (a radix select on GPU), no host
-      synchronisation; zero-score entries may be returned when fewer than ``n_keep`` are positive.
+      synchronisation; zero-score entries may be returned when fewer than ``n_keep`` are positive (removing
+      them would read their count on the host): the caller must treat them as inactive, as
+      :meth:`~crosscoder.model.registry.BatchTopK.forward_fast` does with a ``scores > 0`` mask.
+
+    Either way the active entries are the positive ones among the top ``n_keep`` scores, the rule of
+    :meth:`~crosscoder.model.registry.BatchTopK.activate`.
     """
     b, h = pre.shape
     total = b * h

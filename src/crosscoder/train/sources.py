@@ -10,22 +10,61 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import RunConfig
+from ..config import DEFAULT_VAL_TOKENS, RunConfig
 from ..data.loader import BatchSource, CacheBatches
 from ..data.paired import PairedCache
 from ..distributed import LOCAL, Dist
 from ..errors import DataError
+from ..normalization import Normalization, estimate
 
 SYNTH_MAX_ROWS = 2_000_000
 
 
-def estimate_norm_scale(cache: PairedCache, sample: int, seed: int) -> list[float]:
-    """sqrt(d_model) / mean row norm per model, from stored statistics or a seeded sample."""
-    if cache.stats and cache.stats.get("count", 0) > 0:
-        return cache.norm_scale()
+def estimate_normalization(cache: PairedCache, center: bool, scaling: bool, sample: int, seed: int) -> Normalization:
+    """The run's input map ``norm_scale * (x - norm_mean)`` (see :mod:`crosscoder.normalization`).
+
+    Means come from the cache's exact float64 statistics when it has them, norms from a seeded sample of
+    ``sample`` rows (``E||x - mu||`` is not a stored statistic); without centring, stored mean norms are
+    used directly when present (the plan's mean-inclusive scaling).
+    """
+    has_stats = bool(cache.stats and cache.stats.get("count", 0) > 0)
+    if not center and not scaling:
+        return Normalization.identity(cache.n_models)
+    if not center and has_stats:
+        return Normalization(cache.norm_scale())
     rows = np.random.default_rng(seed).choice(cache.n_rows, size=min(sample, cache.n_rows), replace=False)
-    norms = cache.read(np.sort(rows)).norm(dim=-1).double().mean(0)
-    return [float(cache.d_model ** 0.5 / max(v, 1e-12)) for v in norms.tolist()]
+    x = cache.read(np.sort(rows))
+    mean = torch.tensor(cache.stats["mean"], dtype=torch.float64) if has_stats and center else None
+    return estimate(x, center=center, scaling=scaling, mean=mean)
+
+
+def training_space_mean(cache: PairedCache, norm: Normalization, sample: int, seed: int) -> torch.Tensor:
+    """``[n_models, d_model]``: the data mean after ``norm`` (0 when centred), for ``b_dec_init="mean"``."""
+    if norm.mean is not None:
+        return torch.zeros(cache.n_models, cache.d_model)
+    if cache.stats and cache.stats.get("count", 0) > 0:
+        mu = torch.tensor(cache.stats["mean"], dtype=torch.float32)
+    else:
+        rows = np.random.default_rng(seed).choice(cache.n_rows, size=min(sample, cache.n_rows), replace=False)
+        mu = cache.read(np.sort(rows)).double().mean(0).float()
+    return norm.apply(mu[None])[0]
+
+
+def resolve_val_tokens(cfg: RunConfig, n_rows: int, where: str) -> int:
+    """The held-out rows: ``val_tokens`` when given, else ``min(65536, n_rows // 10)`` (printed when the
+    data is too small for 65,536). An explicit request that leaves less than one batch to train on is
+    refused."""
+    tc = cfg.train
+    if tc.val_tokens is not None:
+        if n_rows - tc.val_tokens < tc.batch_size:
+            raise DataError(f"{where}: {n_rows} rows, too few for val_tokens={tc.val_tokens} plus one batch "
+                            f"({tc.batch_size}); lower --val-tokens")
+        return tc.val_tokens
+    val = min(DEFAULT_VAL_TOKENS, n_rows // 10)
+    if val < DEFAULT_VAL_TOKENS:
+        print(f"note: {where} has {n_rows} rows; holding out {val} (10%) for validation instead of "
+              f"{DEFAULT_VAL_TOKENS} (set --val-tokens to choose)")
+    return val
 
 
 def synthetic_cache(cfg: RunConfig) -> PairedCache:
@@ -34,7 +73,8 @@ def synthetic_cache(cfg: RunConfig) -> PairedCache:
     from ..data.synthetic import SyntheticConfig, write_cache
 
     scfg = SyntheticConfig()
-    rows = min(cfg.train.num_tokens, SYNTH_MAX_ROWS) + cfg.train.val_tokens
+    val = DEFAULT_VAL_TOKENS if cfg.train.val_tokens is None else cfg.train.val_tokens
+    rows = min(cfg.train.num_tokens, SYNTH_MAX_ROWS) + val
     key = hashlib.sha256(json.dumps([asdict(scfg), rows]).encode()).hexdigest()[:16]
     path = cache_root() / "synthetic" / key
     if not (path / "meta.json").exists():
@@ -81,13 +121,14 @@ def make_source(cfg: RunConfig, device: torch.device, dist: Dist = LOCAL) -> tup
     info["fingerprints"] = {"cache": _cache_fingerprint(cache)}
     models = cache.meta.get("models") or []
     info["model_names"] = [m.get("name") for m in models] or None
-    info["site"] = cache.meta.get("site")
-    if cache.n_rows <= cfg.train.val_tokens:
-        raise DataError(f"{cache.path}: {cache.n_rows} rows, not more than val_tokens={cfg.train.val_tokens}")
-    scale = (estimate_norm_scale(cache, d.norm_sample_tokens, cfg.train.seed) if d.norm_scaling
-             else [1.0] * cache.n_models)
-    src = CacheBatches(cache, cfg.train.batch_size, cfg.train.seed, scale, val_tokens=cfg.train.val_tokens,
+    info["site"] = d.site or cache.meta.get("site")
+    where = str(d.base_data) if d.base_data and not d.cache else str(cache.path)
+    cfg.train.val_tokens = resolve_val_tokens(cfg, cache.n_rows, where)
+    norm = estimate_normalization(cache, d.norm_center, d.norm_scaling, d.norm_sample_tokens, cfg.train.seed)
+    src = CacheBatches(cache, cfg.train.batch_size, cfg.train.seed, norm, val_tokens=cfg.train.val_tokens,
                        prefetch=d.prefetch, device=device, info=info, rank=dist.rank, world_size=dist.world_size)
+    if cfg.train.b_dec_init == "mean":
+        src.train_mean = training_space_mean(cache, norm, d.norm_sample_tokens, cfg.train.seed)
     return src, info
 
 

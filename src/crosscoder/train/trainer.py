@@ -24,12 +24,16 @@ from ..config import RunConfig, TrainConfig
 from ..distributed import LOCAL, Dist, setup, teardown
 from ..errors import CrossCoderError
 from ..model import CrossCoder, compute_loss
+from ..model.losses import model_letter
 from ..model.workspace import big_kernels, serial_small_ops
 from . import ddp
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
 from .logging import MetricsLogger
 from .schedules import l1_coeff_at, lr_lambda
 from .sources import make_source
+
+# Training rows scored to set BatchTopK's inference threshold before validation and at the end.
+CALIBRATION_TOKENS = 32_768
 
 
 class Interrupted(CrossCoderError):
@@ -132,7 +136,8 @@ class TrainStep:
                  dist: Dist | None = None) -> None:
         self.model, self.tc, self.total, self.device = model, tc, total_steps, device
         self.dist = dist or LOCAL
-        self.aux_k = tc.resolved_aux_k(model.cfg.arch)
+        self.aux_k = tc.resolved_aux_k(model.cfg.arch, model.cfg.d_latent)
+        self.dead_tokens = tc.resolved_dead_tokens
         self.params = list(model.parameters())
         self.opt = make_optimizer(self.params, tc, device)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(total_steps, tc.lr_warmup_frac,
@@ -160,7 +165,7 @@ class TrainStep:
     def _step(self, x: torch.Tensor, step: int) -> float:
         tc = self.tc
         l1 = l1_coeff_at(step, self.total, tc.l1_coeff, tc.l1_warmup_frac)
-        dead = self.since_fired >= tc.dead_tokens
+        dead = self.since_fired >= self.dead_tokens
         d = self.dist
         kw = dict(l1_coeff=l1, l2=tc.l2_loss, aux_k=self.aux_k, aux_coeff=tc.aux_coeff, dead=dead)
         if d.enabled:
@@ -203,14 +208,15 @@ class _Loop:
         self.cfg, self.out, self.source, self.device, self.stop_after = cfg, out, source, device, stop_after
         self.dist = dist
         cfg.model.n_models, cfg.model.d_model = source.n_models, source.d_model
-        cfg.model.norm_scale = None
+        cfg.model.norm_scale = cfg.model.norm_mean = None
         cfg.model.model_names = info.get("model_names") or cfg.model.model_names
         cfg.model.site = info.get("site") or cfg.model.site
         cfg.data.fingerprints = dict(info.get("fingerprints", {}))
         self.info = info
         self.norm_scale = list(source.norm_scale)
+        self.norm_mean = getattr(source, "norm_mean", None)
         self.total = tc.total_steps
-        self.aux_k = tc.resolved_aux_k(cfg.model.arch)
+        self.aux_k = tc.resolved_aux_k(cfg.model.arch, cfg.model.d_latent)
         gen = torch.Generator().manual_seed(tc.seed)
         self.model = CrossCoder(dataclasses.replace(cfg.model), generator=gen).to(device)
         self.model.train()
@@ -223,6 +229,10 @@ class _Loop:
             self.first_batch = source.next_batch()
             with torch.no_grad():
                 self.model.b_dec.copy_(geometric_median(self.first_batch))
+        elif tc.b_dec_init == "mean" and getattr(source, "train_mean", None) is not None:
+            # The data mean in the training space: 0 for centred data, s * mu without centring.
+            with torch.no_grad():
+                self.model.b_dec.copy_(source.train_mean)
 
     # ------------------------------------------------------------------ state
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -254,6 +264,7 @@ class _Loop:
     def _run_config(self, **extra: Any) -> dict[str, Any]:
         d = self.cfg.to_dict()
         d["norm_scale"] = self.norm_scale
+        d["norm_mean"] = self.norm_mean
         d.update(extra)
         return d
 
@@ -270,14 +281,26 @@ class _Loop:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def validate(self, l1: float) -> dict[str, float]:
+        """Metrics over the whole held-out set, in eval mode.
+
+        Per-token metrics (losses, L0, the per-token explained variance) are row-weighted means; the
+        explained variances are ``1 - SSE / SST`` from sums pooled over every held-out row (SST around the
+        held-out mean), so they do not depend on how the rows fall into batches.
+        """
         self.model.eval()
         sums: dict[str, torch.Tensor] = {}
+        m = self.model.cfg.n_models
+        pooled = torch.zeros(3 * m + m * self.model.cfg.d_model, dtype=torch.float64, device=self.device)
         n = 0
         for x in self.source.val_batches():
             with self._autocast():
-                m = compute_loss(self.model, x, l1_coeff=l1, l2=self.cfg.train.l2_loss).metrics
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0) + v.float() * x.shape[0]
+                out = compute_loss(self.model, x, l1_coeff=l1, l2=self.cfg.train.l2_loss)
+            for k, v in out.metrics.items():
+                if not k.startswith("explained_variance") or k == "explained_variance_legacy":
+                    sums[k] = sums.get(k, 0) + v.float() * x.shape[0]
+            xd = x.double()
+            pooled += torch.cat([(xd - out.x_hat.double()).pow(2).sum((0, 2)), xd.pow(2).sum((0, 2)),
+                                 torch.zeros(m, dtype=torch.float64, device=self.device), xd.sum(0).reshape(-1)])
             n += x.shape[0]
         self.model.train()
         keys = list(sums)
@@ -287,10 +310,41 @@ class _Loop:
                                for k in keys] + [torch.tensor(float(n), device=self.device)])
             tot = self.dist.all_reduce_sum(tot)
             sums, n = dict(zip(keys, tot[:-1], strict=True)), int(tot[-1])
+            pooled = self.dist.all_reduce_sum(pooled)
         if n == 0:
             return {}
-        vals = (torch.stack([sums[k] for k in keys]) / n).tolist()
-        return {f"val/{k}": v for k, v in zip(keys, vals, strict=True)}
+        out_metrics = {f"val/{k}": v for k, v in zip(keys, (torch.stack([sums[k] for k in keys]) / n).tolist(),
+                                                       strict=True)}
+        sse, s2, s1 = pooled[:m], pooled[m:2 * m], pooled[3 * m:].view(m, -1)
+        sst = s2 - s1.pow(2).sum(-1) / n  # [m] sum of squared deviations from the held-out mean
+        out_metrics["val/explained_variance"] = float(1 - sse.sum() / sst.sum().clamp_min(1e-30))
+        for i in range(m):
+            out_metrics[f"val/explained_variance_{model_letter(i)}"] = float(1 - sse[i] / sst[i].clamp_min(1e-30))
+        return out_metrics
+
+    def _validate_calibrated(self, l1: float, final: bool) -> dict[str, float]:
+        """Validation as the saved model would run it: BatchTopK with a threshold calibrated on the current
+        weights. Before the end the training EMA threshold is put back afterwards, so validation never
+        changes the training state."""
+        if final or self.model.cfg.arch != "batchtopk":
+            return self.validate(l1)
+        ema = self.model.threshold.clone()
+        try:
+            self.calibrate()
+            return self.validate(l1)
+        finally:
+            self.model.threshold.copy_(ema)
+
+    def calibrate(self) -> None:
+        """BatchTopK: the inference threshold from the current weights on training rows (see
+        :meth:`CrossCoder.calibrate_threshold`); every rank reads the same rows and gets the same value."""
+        if self.model.cfg.arch != "batchtopk":
+            return
+        was_training = self.model.training
+        self.model.eval()
+        with self._autocast():
+            self.model.calibrate_threshold(self.source.sample_batches(CALIBRATION_TOKENS))
+        self.model.train(was_training)
 
     def _autocast(self) -> Any:
         return self.train_step.autocast()
@@ -306,11 +360,13 @@ class _Loop:
         logger = (MetricsLogger(self.out, self._run_config(), tc.wandb, tc.wandb_project, self.total, self.step,
                                 tc.progress) if main else _NullLogger())
         n_acc, t_last, last, val = 0, time.perf_counter(), {}, {}
+        paused = 0.0  # seconds spent validating and checkpointing since the last log (not training)
         try:
             with _SignalFlag() as sig:
                 while self.step < self.total:
                     x = self.first_batch if self.first_batch is not None else self.source.next_batch()
                     self.first_batch = None
+                    lr = self.sched.get_last_lr()[0]  # the rate this step uses
                     l1 = self.train_step(x, self.step)
                     self.step += 1
                     n_acc += 1
@@ -318,19 +374,23 @@ class _Loop:
                     if self.step % tc.log_every == 0 or self.step == self.total:
                         now = time.perf_counter()
                         last = self.train_step.read_metrics()
-                        last.update(l1_coeff=l1 if model.arch.uses_l1 else 0.0, lr=self.sched.get_last_lr()[0],
+                        last.update(l1_coeff=l1 if model.arch.uses_l1 else 0.0, lr=lr,
                                     tokens=self.step * tc.batch_size,
-                                    tokens_per_s=n_acc * tc.batch_size / max(now - t_last, 1e-9))
+                                    tokens_per_s=n_acc * tc.batch_size / max(now - t_last - paused, 1e-9))
                         if model.cfg.arch == "batchtopk":
                             last["threshold"] = float(model.threshold)
                         logger.log(last, self.step)
-                        n_acc, t_last = 0, time.perf_counter()
+                        n_acc, t_last, paused = 0, time.perf_counter(), 0.0
+                    t0 = time.perf_counter()
+                    if self.step == self.total:
+                        self.calibrate()  # the saved model's inference threshold, from the final weights
                     if tc.val_every and tc.val_tokens and (self.step % tc.val_every == 0 or self.step == self.total):
-                        val = self.validate(l1)
+                        val = self._validate_calibrated(l1, final=self.step == self.total)
                         if val:
                             logger.log(val, self.step)
                     if tc.save_every and self.step % tc.save_every == 0 and self.step < self.total:
                         self._save()
+                    paused += time.perf_counter() - t0
                     if self._should_stop(sig.signum, self.step % tc.log_every == 0):
                         ck = self._save()
                         why = f"signal {sig.signum}" if sig.signum is not None else "stop requested"
@@ -342,7 +402,7 @@ class _Loop:
         metrics = {**last, **val}
         if not main:
             return metrics
-        final = copy.deepcopy(model).cpu().fold(self.norm_scale)
+        final = copy.deepcopy(model).cpu().fold(self.norm_scale, self.norm_mean)
         final.save_pretrained(self.out, extra_config={
             "train": dataclasses.asdict(self.cfg.train), "data": dataclasses.asdict(self.cfg.data),
             "metrics": metrics, "source": {k: v for k, v in self.info.items() if k != "fingerprints"}})

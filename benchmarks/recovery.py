@@ -1,0 +1,350 @@
+"""Planted-feature recovery over the synthetic family (docs/synthetic.md), printed as one JSON document.
+
+    python benchmarks/recovery.py                       # every preset x 5 seeds x vanilla,batchtopk
+    python benchmarks/recovery.py --families default,offset --seeds 1 --archs batchtopk --num-tokens 200000
+
+For each preset P, seed S and architecture A it does what a new user does, through the CLI in
+subprocesses (``python -m crosscoder`` with this interpreter):
+
+1. ``crosscoder synth PAIR --preset P --seed S --rows N+100000``;
+2. ``crosscoder train --base-data PAIR/base --ft-data PAIR/ft --arch A --dict-size 2*n_features
+   (--k K | --l1-coeff L) --num-tokens N --seed S --threads 1 --wandb off --no-progress``, with
+   ``K = max(2, round(expected active features per token))`` unless ``--k`` is given, and ``L`` only when
+   ``--l1-coeff`` is given (else the train default);
+3. ``crosscoder analyze RUN --base-data PAIR/base --ft-data PAIR/ft --no-spliced --out REPORT``;
+
+then scores the run with :func:`crosscoder.analysis.recovery.family_scores` (cosines of the concatenated
+``[2 * d_model]`` decoder and planted vectors in the crosscoder's normalised space, the analysis'
+``class`` column of ``REPORT/latents.parquet``), adds explained variance / L0 / dead fraction from the
+run's ``config.json`` metrics (validation ones when present) and the analysis, and wall times. Per
+(preset, arch) it aggregates mean, std and min over seeds. A failed subprocess is recorded with its
+exit code and stderr tail. Progress goes to stderr; stdout carries only the JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+AGG_KEYS = (
+    "mmcs",
+    "mmcs_shared",
+    "mmcs_base_only",
+    "mmcs_ft_only",
+    "mmcs_shared_weak",
+    "recall_base_only",
+    "recall_ft_only",
+    "precision_base_only",
+    "precision_ft_only",
+    "called_base_only",
+    "called_ft_only",
+    "explained_variance",
+    "l0",
+    "dead_fraction",
+    "train_dead_fraction",
+    "wall_s",
+)
+ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "WANDB_MODE": "disabled",
+}
+_LOCK = threading.Lock()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from crosscoder.data.synthetic import PRESETS
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--families", default=",".join(PRESETS), help="comma list of presets (default: all)")
+    p.add_argument(
+        "--seeds",
+        default="5",
+        help="a count N (seeds 0..N-1) or a comma list such as '3,7' or '7,' (default: 5)",
+    )
+    p.add_argument("--archs", default="vanilla,batchtopk", help="comma list (default: vanilla,batchtopk)")
+    p.add_argument("--num-tokens", type=int, default=1_500_000, help="training tokens (default: 1500000)")
+    p.add_argument("--rows", type=int, help="rows generated per pair (default: num-tokens + 100000)")
+    p.add_argument("--k", type=int, help="batchtopk k (default: round(expected active per token), >= 2)")
+    p.add_argument("--l1-coeff", type=float, help="vanilla L1 coefficient (default: the train default)")
+    p.add_argument("--jobs", type=int, default=1, help="pairs processed in parallel (default: 1)")
+    p.add_argument("--work", help="scratch folder (default: a temporary one, removed at the end)")
+    p.add_argument(
+        "--keep", action="store_true", help="keep the generated pairs (default: deleted once scored)"
+    )
+    p.add_argument(
+        "--extra-train-args",
+        default="",
+        help='passed through to crosscoder train: --extra-train-args="--lr 3e-4"',
+    )
+    p.add_argument("--timeout", type=float, help="seconds allowed per subprocess (default: none)")
+    p.add_argument("--out", help="also write the JSON document here")
+    a = p.parse_args(argv)
+    a.families = [f for f in a.families.split(",") if f]
+    bad = [f for f in a.families if f not in PRESETS]
+    if bad:
+        p.error(f"--families: unknown preset {bad[0]!r} (choices: {', '.join(PRESETS)})")
+    a.seeds = (
+        list(range(int(a.seeds)))
+        if a.seeds.strip().isdigit()
+        else [int(s) for s in a.seeds.split(",") if s.strip()]
+    )
+    a.archs = [x for x in a.archs.split(",") if x]
+    if a.rows is None:
+        a.rows = a.num_tokens + 100_000
+    return a
+
+
+def log(msg: str) -> None:
+    with _LOCK:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def call(args: list[str], timeout: float | None) -> dict[str, Any]:
+    """Run ``python -m crosscoder ARGS``: ``{"ok", "seconds"}`` plus ``returncode``/``stderr_tail`` on failure."""
+    cmd = [sys.executable, "-m", "crosscoder", *args]
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **ENV})
+        rc, err = r.returncode, r.stderr
+    except subprocess.TimeoutExpired as e:
+        rc, err = (
+            "timeout",
+            (e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""),
+        )
+    out: dict[str, Any] = {"ok": rc == 0, "seconds": round(time.perf_counter() - t0, 1)}
+    if rc != 0:
+        out.update(returncode=rc, command=shlex.join(cmd), stderr_tail=(err or "")[-2000:])
+    return out
+
+
+def latent_classes(report: Path) -> list[str]:
+    """The analysis' ``class`` per latent, in latent order (``latents.parquet``, else ``latents.csv``)."""
+    if (report / "latents.parquet").is_file():
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(str(report / "latents.parquet"), columns=["latent", "class"]).to_pydict()
+    else:
+        import pyarrow.csv as pacsv
+
+        t = pacsv.read_csv(str(report / "latents.csv")).select(["latent", "class"]).to_pydict()
+    return [c for _, c in sorted(zip(t["latent"], t["class"], strict=True))]
+
+
+def score(run: Path, report: Path, gt_dir: Path) -> dict[str, Any]:
+    import torch
+
+    from crosscoder import CrossCoder
+    from crosscoder.analysis.recovery import family_scores, planted_cosines
+    from crosscoder.data.synthetic import GroundTruth
+
+    torch.set_num_threads(1)
+    gt = GroundTruth.load(gt_dir)
+    model = CrossCoder.from_pretrained(run)
+    cls = latent_classes(report)
+    res = family_scores(planted_cosines(model, gt), gt.classes, cls)
+    m = json.loads((run / "config.json").read_text()).get("metrics", {})
+    res["explained_variance"] = m.get("val/explained_variance", m.get("explained_variance"))
+    res["l0"] = m.get("val/l0_loss", m.get("l0_loss"))
+    res["train_dead_fraction"] = m.get("dead_fraction")
+    summ = json.loads((report / "summary.json").read_text())
+    res["dead_fraction"] = summ["dead"] / summ["d_latent"]
+    res["analysis_explained_variance"] = summ.get("reconstruction", {}).get("explained_variance")
+    res["classes"] = summ.get("classes")
+    return res
+
+
+def run_pair(family: str, seed: int, a: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    """Synthesise one pair, then train, analyse and score every architecture on it."""
+    from crosscoder.data.synthetic import GroundTruth
+
+    pair = work / f"{family}-s{seed}"
+    if pair.exists():
+        shutil.rmtree(pair)
+    base = {"family": family, "seed": seed}
+    syn = call(
+        ["synth", str(pair), "--preset", family, "--seed", str(seed), "--rows", str(a.rows)], a.timeout
+    )
+    if not syn["ok"]:
+        log(f"{family} seed {seed}: synth failed ({syn.get('returncode')})")
+        return [{**base, "arch": arch, "ok": False, "failed_stage": "synth", **syn} for arch in a.archs]
+    gt = GroundTruth.load(pair / "ground_truth")
+    n_feat, active = len(gt.classes), gt.expected_active()
+    k = a.k if a.k is not None else max(2, round(active))
+    records = []
+    for arch in a.archs:
+        rec: dict[str, Any] = {
+            **base,
+            "arch": arch,
+            "n_features": n_feat,
+            "expected_active": round(active, 3),
+            "dict_size": 2 * n_feat,
+            "synth_s": syn["seconds"],
+        }
+        run, report = work / f"{family}-s{seed}-{arch}", work / f"{family}-s{seed}-{arch}-report"
+        train = [
+            "train",
+            "--base-data",
+            str(pair / "base"),
+            "--ft-data",
+            str(pair / "ft"),
+            "--arch",
+            arch,
+            "--dict-size",
+            str(2 * n_feat),
+            "--num-tokens",
+            str(a.num_tokens),
+            "--seed",
+            str(seed),
+            "--out",
+            str(run),
+            "--overwrite",
+            "--threads",
+            "1",
+            "--wandb",
+            "off",
+            "--no-progress",
+        ]
+        if arch == "batchtopk":
+            train += ["--k", str(k)]
+            rec["k"] = k
+        elif a.l1_coeff is not None:
+            train += ["--l1-coeff", str(a.l1_coeff)]
+            rec["l1_coeff"] = a.l1_coeff
+        train += shlex.split(a.extra_train_args)
+        stages = [
+            ("train", train),
+            (
+                "analyze",
+                [
+                    "analyze",
+                    str(run),
+                    "--base-data",
+                    str(pair / "base"),
+                    "--ft-data",
+                    str(pair / "ft"),
+                    "--no-spliced",
+                    "--out",
+                    str(report),
+                    "--overwrite",
+                    "--threads",
+                    "1",
+                ],
+            ),
+        ]
+        for stage, cmd in stages:
+            r = call(cmd, a.timeout)
+            rec[f"{stage}_s"] = r["seconds"]
+            if not r["ok"]:
+                rec.update(
+                    ok=False,
+                    failed_stage=stage,
+                    **{key: v for key, v in r.items() if key not in ("ok", "seconds")},
+                )
+                break
+        else:
+            try:
+                rec.update(score(run, report, pair / "ground_truth"))
+                rec["ok"] = True
+            except Exception as e:  # a broken output is a result too
+                rec.update(ok=False, failed_stage="score", stderr_tail=f"{type(e).__name__}: {e}"[-2000:])
+        rec["wall_s"] = round(rec.get("train_s", 0) + rec.get("analyze_s", 0), 1)
+        if rec["ok"]:
+            log(
+                f"{family} seed {seed} {arch}: mmcs {rec['mmcs']:.3f}, recall base/ft "
+                f"{rec['recall_base_only']:.2f}/{rec['recall_ft_only']:.2f}, precision base/ft "
+                f"{rec['precision_base_only']:.2f}/{rec['precision_ft_only']:.2f} ({rec['wall_s']}s)"
+            )
+        else:
+            log(f"{family} seed {seed} {arch}: {rec['failed_stage']} failed")
+        records.append(rec)
+    if not a.keep:
+        shutil.rmtree(pair, ignore_errors=True)
+    return records
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def aggregate(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``{family: {arch: {"n_ok", "n_failed", metric: {"mean", "std", "min", "n"}}}}`` over seeds (NaNs
+    such as the precision of a class nobody was called are left out of that metric's ``n``)."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in records:
+        cell = out.setdefault(r["family"], {}).setdefault(r["arch"], {"n_ok": 0, "n_failed": 0, "_rows": []})
+        cell["n_ok" if r.get("ok") else "n_failed"] += 1
+        if r.get("ok"):
+            cell["_rows"].append(r)
+    for fam in out.values():
+        for cell in fam.values():
+            rows = cell.pop("_rows")
+            for key in AGG_KEYS:
+                vals = [r[key] for r in rows if _finite(r.get(key))]
+                if vals:
+                    cell[key] = {
+                        "mean": statistics.fmean(vals),
+                        "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                        "min": min(vals),
+                        "n": len(vals),
+                    }
+    return out
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    t0 = time.perf_counter()
+    tmp = None if a.work else tempfile.TemporaryDirectory(prefix="crosscoder-recovery-")
+    work = Path(a.work or tmp.name)
+    work.mkdir(parents=True, exist_ok=True)
+    pairs = [(f, s) for f in a.families for s in a.seeds]
+    log(f"{len(pairs)} pairs x {len(a.archs)} archs, {a.num_tokens} tokens each, scratch {work}")
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
+            results = list(pool.map(lambda fs: run_pair(fs[0], fs[1], a, work), pairs))
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    records = [r for rs in results for r in rs]
+    doc = {
+        "settings": {k: v for k, v in vars(a).items() if k != "work"}
+        | {"work": str(work) if a.work else None},
+        "python": sys.executable,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "summary": aggregate(records),
+        "runs": records,
+    }
+    text = json.dumps(_json_safe(doc), indent=1)
+    if a.out:
+        Path(a.out).write_text(text + "\n")
+    print(text)
+    return 0 if all(r.get("ok") for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
