@@ -9,7 +9,8 @@ subprocesses (``python -m crosscoder`` with this interpreter):
 1. ``crosscoder synth PAIR --preset P --seed S --rows N+100000``;
 2. ``crosscoder train --base-data PAIR/base --ft-data PAIR/ft --arch A --dict-size 2*n_features
    (--k K | --l1-coeff L) --num-tokens N --seed S --threads 1 --wandb off --no-progress``, with
-   ``K = max(2, round(expected active features per token))`` unless ``--k`` is given, and ``L`` only when
+   ``K = ceil(expected active features per token) + 1`` (BatchTopK's k just above the planted L0, as
+   ``crosscoder synth`` suggests) unless ``--k`` is given, and ``L`` only when
    ``--l1-coeff`` is given (else the train default);
 3. ``crosscoder analyze RUN --base-data PAIR/base --ft-data PAIR/ft --no-spliced --out REPORT``;
 
@@ -80,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--archs", default="vanilla,batchtopk", help="comma list (default: vanilla,batchtopk)")
     p.add_argument("--num-tokens", type=int, default=1_500_000, help="training tokens (default: 1500000)")
     p.add_argument("--rows", type=int, help="rows generated per pair (default: num-tokens + 100000)")
-    p.add_argument("--k", type=int, help="batchtopk k (default: round(expected active per token), >= 2)")
+    p.add_argument("--k", type=int, help="batchtopk k (default: ceil(expected active per token) + 1)")
     p.add_argument("--l1-coeff", type=float, help="vanilla L1 coefficient (default: the train default)")
     p.add_argument("--jobs", type=int, default=1, help="pairs processed in parallel (default: 1)")
     p.add_argument("--work", help="scratch folder (default: a temporary one, removed at the end)")
@@ -185,7 +186,7 @@ def run_pair(family: str, seed: int, a: argparse.Namespace, work: Path) -> list[
         return [{**base, "arch": arch, "ok": False, "failed_stage": "synth", **syn} for arch in a.archs]
     gt = GroundTruth.load(pair / "ground_truth")
     n_feat, active = len(gt.classes), gt.expected_active()
-    k = a.k if a.k is not None else max(2, round(active))
+    k = a.k if a.k is not None else math.ceil(active) + 1
     records = []
     for arch in a.archs:
         rec: dict[str, Any] = {

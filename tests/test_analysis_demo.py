@@ -64,7 +64,10 @@ def test_spliced_in_loss_recovered_rises_with_training(tiny):
         early, late = res[1][name], res[120][name]
         assert early["ce_clean"] == pytest.approx(late["ce_clean"])  # same models, same text
         assert early["ce_zero"] > early["ce_clean"] + 0.1  # the site matters
-        assert 0.0 <= early["frac_recovered"] < late["frac_recovered"] <= 1.0, (early, late)
+        # Centred training starts b_dec at the data mean, which alone recovers almost all of the CE here
+        # (the site's mean dwarfs its variation), so CE recovered is ~1 from the first step; the KL of
+        # the spliced-in model to the clean one is what training shrinks.
+        assert 0.0 <= early["frac_recovered"] <= 1.0 and 0.99 < late["frac_recovered"] <= 1.0, (early, late)
         assert late["kl_spliced"] < early["kl_spliced"] and late["kl_spliced"] < late["kl_zero"]
     swap = res[120]["ft_swap"]
     assert swap["kl_base_recon"] > 0 and swap["kl_base_acts"] > 0

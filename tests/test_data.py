@@ -113,6 +113,17 @@ def test_trains_from_hf_pair_and_records_norm_scale(pair, capsys):
     assert cfg["norm_mean"] is None
 
 
+def test_site_flag_names_the_site_of_an_hf_pair(pair, capsys):
+    tmp, base, ft, a = pair
+    code, err = run_cli(capsys, "--base-data", base, "--ft-data", ft, "--out", str(tmp / "run"),
+                        "--site", "model.layers.13")
+    assert code == 0, err
+    assert json.loads((tmp / "run" / "config.json").read_text())["site"] == "model.layers.13"
+    from crosscoder import CrossCoder
+
+    assert CrossCoder.from_pretrained(tmp / "run").cfg.site == "model.layers.13"
+
+
 @pytest.mark.parametrize("case,pattern", [
     ("lengths", r"--base-data .* has 2000 rows but --ft-data .* has 1999"),
     ("width", r"has d_model 8 but --ft-data .* has 6"),

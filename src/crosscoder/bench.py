@@ -1,6 +1,6 @@
 """Benchmark of the full training step (``crosscoder bench``; methodology in ``docs/performance.md``).
 
-:func:`run_bench` builds a crosscoder and the trainer's :class:`~crosscoder.train.trainer.TrainStep`
+:func:`run_bench` builds a crosscoder and the trainer's :class:`~crosscoder.train.step.TrainStep`
 (forward, losses, backward, clipping, Adam, schedules, dead-latent counters, on-device metrics) and
 times it on synthetic batches after warm-up. In the same process it times the machine's matmul peak
 on the step's dominant GEMM shape ``[batch, n_models * d_model] x [n_models * d_model, dict_size]``,
@@ -81,7 +81,7 @@ def build_step(arch: str, d_model: int, dict_size: int, batch_size: int, k: int,
                device: torch.device, dtype: str = "float32", compile: bool = False, n_models: int = 2,
                aux_k: int | None = None, seed: int = 0) -> Any:
     """A crosscoder and its trainer step with the default training configuration."""
-    from .train.trainer import TrainStep
+    from .train.step import TrainStep
 
     cfg = CrossCoderConfig(arch=arch, d_latent=dict_size, k=k, n_models=n_models, d_model=d_model)
     model = CrossCoder(cfg, generator=torch.Generator().manual_seed(seed)).to(device)

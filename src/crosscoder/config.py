@@ -36,7 +36,8 @@ class CrossCoderConfig:
     l1_weighting: str = _f(
         "sum", "vanilla: decoder-norm weighting of the L1 penalty", choices=("sum", "concat")
     )
-    dec_init_norm: float = _f(0.08, "initial L2 norm of every per-model decoder vector")
+    dec_init_norm: float = _f(1.0, "initial L2 norm of every per-model decoder vector, in the normalised "
+                              "space (0.08: Kissane's replication)")
     threshold_beta: float = _f(0.999, "batchtopk: EMA factor of the inference threshold")
     n_models: int = _f(2, "number of models (inferred from data)", cli=False)
     d_model: int = _f(0, "activation width (inferred from data)", cli=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from ..data.synthetic import PRESETS, SyntheticConfig
@@ -49,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         f"{out}/ft; planted features {counts}; ground truth in {out}/ground_truth"
     )
     print(
-        f"expected active planted features per token: {gt.expected_active():.2f} (a sensible --k); "
+        f"expected active planted features per token: {gt.expected_active():.2f} (BatchTopK: --k "
+        f"{math.ceil(gt.expected_active()) + 1} or so, just above it); "
         f"feature-part RMS norm base/ft {rms}, offset norm base/ft {offs}"
     )
     return 0

@@ -47,7 +47,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
 # Applied to `crosscoder train` with no data arguments (flags still override each value).
 # ~2.75 planted features are active per token, so k=4; 512 latents for 176 planted features.
 SYNTHETIC_PRESET = {"num_tokens": 1_000_000, "batch_size": 512, "d_latent": 512, "k": 4, "l1_coeff": 3.0,
-                    "dead_tokens": 20_000, "val_tokens": 32_768, "val_every": 200, "log_every": 50}
+                    "val_every": 200, "log_every": 50}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -101,9 +101,12 @@ def render_model_card(config: dict[str, Any], *, repo_id: str | None = None, has
                  ("inference threshold (on decoder-norm-weighted activations)", config.get("threshold"))]
     rows += [("decoder-norm weighting", config.get("l1_weighting"))]
     scale = config.get("norm_scale")
+    centred = config.get("norm_mean") is not None
     if scale is not None:
-        folded = any(float(s) != 1.0 for s in scale)
+        folded = any(float(s) != 1.0 for s in scale) or centred
         rows.append(("norm_scale", scale))
+        rows.append(("norm_mean", "per-model mean subtracted before scaling (in config.json)" if centred
+                     else "none (mean-inclusive scaling)"))
         rows.append(("input", "raw activations (normalisation folded into the weights)" if folded
                      else "activations as seen in training (norm_scale = 1)"))
     lines += _table(rows)

@@ -114,6 +114,8 @@ def make_source(cfg: RunConfig, device: torch.device, dist: Dist = LOCAL) -> tup
         info["source"] = {"base_data": d.base_data, "ft_data": d.ft_data, "column": d.column}
         info["skipped_nonfinite"] = cache.meta.get("skipped_nonfinite", 0)
     else:
+        if cfg.train.val_tokens is None:  # the pair is generated with the default held-out rows on top
+            cfg.train.val_tokens = DEFAULT_VAL_TOKENS
         cache = synthetic_cache(cfg)
         info["source"] = {"synthetic": True}
         info["ground_truth"] = str(cache.path / "ground_truth")
