@@ -302,10 +302,10 @@ def test_bfloat16_autocast_close(arch: str) -> None:
 def test_training_defaults_use_fast_path(tmp_path, monkeypatch) -> None:
     """`crosscoder train` defaults run the fast path, and its trajectory matches the dense path."""
     from crosscoder.config import RunConfig
-    from crosscoder.train import trainer
+    from crosscoder.train import step, trainer
 
     calls = []
-    real = trainer.compute_loss
+    real = step.compute_loss
 
     def spy(*a, **kw):
         calls.append(kw.get("fast", True))
@@ -316,10 +316,10 @@ def test_training_defaults_use_fast_path(tmp_path, monkeypatch) -> None:
         cfg.model.arch, cfg.model.d_latent, cfg.model.k = "batchtopk", 256, 8
         cfg.train.num_tokens, cfg.train.batch_size, cfg.train.val_tokens = 8 * 256, 256, 0
         cfg.train.log_every, cfg.train.wandb, cfg.train.progress, cfg.train.dead_tokens = 4, "off", False, 512
-        if not fast:
-            monkeypatch.setattr(trainer, "compute_loss", lambda *a, **kw: real(*a, **{**kw, "fast": False}))
+        if not fast:  # TrainStep binds step.compute_loss when it is built
+            monkeypatch.setattr(step, "compute_loss", lambda *a, **kw: real(*a, **{**kw, "fast": False}))
         else:
-            monkeypatch.setattr(trainer, "compute_loss", spy)
+            monkeypatch.setattr(step, "compute_loss", spy)
         return trainer.run_training(cfg, out)
 
     m_fast = run(tmp_path / "fast", True)
