@@ -135,3 +135,22 @@ def test_sigint_saves_checkpoint_and_resume_matches(tmp_path):
     a, b = weights(ref), weights(out)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_tokens_per_s_counts_training_time_only(tmp_path, monkeypatch):
+    """Validation and checkpoints are not training: a validation pass made to take 0.2 s every step must
+    not drag the logged throughput below what the steps alone achieve."""
+    from crosscoder.train import trainer
+
+    real = trainer._Loop.validate
+
+    def slow(self, l1):
+        time.sleep(0.2)
+        return real(self, l1)
+
+    monkeypatch.setattr(trainer._Loop, "validate", slow)
+    run_training(small_cfg(val_every=1, num_tokens=256 * 10), tmp_path / "run")
+    rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+    # with the 5 x 0.2 s of validation counted, 5 steps of 256 tokens could not exceed 1,280 tokens/s
+    assert tps and min(tps) > 4 * 1280, tps
