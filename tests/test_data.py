@@ -193,3 +193,14 @@ def test_bad_config_file_and_unknown_key(tmp_path, capsys):
     code, err = run_cli(capsys, "--config", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o"))
     assert code == 2 and "config file not found" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_val_tokens_too_large_is_one_line_exit_2(pair, capsys):
+    tmp, base, ft, a = pair
+    capsys.readouterr()
+    code = main(["train", "--wandb", "off", "--no-progress", "--num-tokens", "1024", "--batch-size", "128",
+                 "--val-tokens", "1900", "--dict-size", "32", "--base-data", base, "--ft-data", ft,
+                 "--out", str(tmp / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "val_tokens=1900" in err, err
+    assert not (tmp / "run").exists()
