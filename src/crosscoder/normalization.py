@@ -20,6 +20,7 @@ activations.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -68,20 +69,44 @@ class Normalization:
 
 def estimate(sample: torch.Tensor, *, center: bool, scaling: bool,
              mean: torch.Tensor | None = None) -> Normalization:
-    """Normalisation from ``sample [n, n_models, d_model]`` raw rows.
+    """Normalisation from ``sample [n, n_models, d_model]`` raw rows (see :func:`estimate_streaming`)."""
+    return estimate_streaming(lambda: iter((sample,)), center=center, scaling=scaling, mean=mean)
+
+
+def estimate_streaming(chunks: Callable[[], Iterable[torch.Tensor]], *, center: bool, scaling: bool,
+                       mean: torch.Tensor | None = None) -> Normalization:
+    """Normalisation from raw rows served in chunks ``[n, n_models, d_model]`` by ``chunks()``.
 
     ``mean [n_models, d_model]``, when given (exact statistics over the whole data set), is used
-    instead of the sample mean. Norms are averaged in float64.
+    instead of the rows' mean; otherwise one pass computes it. Sums are float64, one chunk at a time, so
+    memory stays at one chunk whatever the sample size (100,000 rows of d_model 2304 would be 3.7 GB in
+    float64 at once).
     """
-    x = sample.double()
-    n_models, d_model = x.shape[1], x.shape[2]
     mu = None
     if center:
-        mu = mean.double() if mean is not None else x.mean(0)
-        x = x - mu
+        if mean is not None:
+            mu = mean.double()
+        else:
+            total, n = None, 0
+            for x in chunks():
+                part = x.double().sum(0)
+                total = part if total is None else total + part
+                n += x.shape[0]
+            mu = total / max(n, 1)
+    scale: list[float] | None = None
+    n_models = None
     if scaling:
-        norms = x.norm(dim=-1).mean(0)  # [n_models]
-        scale = [math.sqrt(d_model) / max(float(v), 1e-12) for v in norms.tolist()]
+        norm_sum, n = None, 0
+        for x in chunks():
+            xd = x.double() if mu is None else x.double() - mu
+            part = xd.norm(dim=-1).sum(0)  # [n_models]
+            norm_sum = part if norm_sum is None else norm_sum + part
+            n += x.shape[0]
+            d_model = x.shape[2]
+        scale = [math.sqrt(d_model) / max(float(v) / max(n, 1), 1e-12) for v in norm_sum.tolist()]
     else:
-        scale = [1.0] * n_models
+        for x in chunks():
+            n_models = x.shape[1]
+            break
+        scale = [1.0] * (n_models if mu is None else mu.shape[0])
     return Normalization(scale, [[float(v) for v in row] for row in mu.float().tolist()] if mu is not None else None)

@@ -15,9 +15,10 @@ from ..data.loader import BatchSource, CacheBatches
 from ..data.paired import PairedCache
 from ..distributed import LOCAL, Dist
 from ..errors import DataError
-from ..normalization import Normalization, estimate
+from ..normalization import Normalization, estimate_streaming
 
 SYNTH_MAX_ROWS = 2_000_000
+NORM_CHUNK_ROWS = 8192  # rows read at a time to estimate the normalisation
 
 
 def estimate_normalization(cache: PairedCache, center: bool, scaling: bool, sample: int, seed: int) -> Normalization:
@@ -32,10 +33,14 @@ def estimate_normalization(cache: PairedCache, center: bool, scaling: bool, samp
         return Normalization.identity(cache.n_models)
     if not center and has_stats:
         return Normalization(cache.norm_scale())
-    rows = np.random.default_rng(seed).choice(cache.n_rows, size=min(sample, cache.n_rows), replace=False)
-    x = cache.read(np.sort(rows))
+    rows = np.sort(np.random.default_rng(seed).choice(cache.n_rows, size=min(sample, cache.n_rows), replace=False))
     mean = torch.tensor(cache.stats["mean"], dtype=torch.float64) if has_stats and center else None
-    return estimate(x, center=center, scaling=scaling, mean=mean)
+
+    def chunks():  # the sample in chunks: memory stays at one chunk whatever d_model
+        for lo in range(0, len(rows), NORM_CHUNK_ROWS):
+            yield cache.read(rows[lo:lo + NORM_CHUNK_ROWS])
+
+    return estimate_streaming(chunks, center=center, scaling=scaling, mean=mean)
 
 
 def training_space_mean(cache: PairedCache, norm: Normalization, sample: int, seed: int) -> torch.Tensor:
@@ -45,8 +50,11 @@ def training_space_mean(cache: PairedCache, norm: Normalization, sample: int, se
     if cache.stats and cache.stats.get("count", 0) > 0:
         mu = torch.tensor(cache.stats["mean"], dtype=torch.float32)
     else:
-        rows = np.random.default_rng(seed).choice(cache.n_rows, size=min(sample, cache.n_rows), replace=False)
-        mu = cache.read(np.sort(rows)).double().mean(0).float()
+        rows = np.sort(np.random.default_rng(seed).choice(cache.n_rows, size=min(sample, cache.n_rows), replace=False))
+        total = torch.zeros(cache.n_models, cache.d_model, dtype=torch.float64)
+        for lo in range(0, len(rows), NORM_CHUNK_ROWS):
+            total += cache.read(rows[lo:lo + NORM_CHUNK_ROWS]).double().sum(0)
+        mu = (total / len(rows)).float()
     return norm.apply(mu[None])[0]
 
 
