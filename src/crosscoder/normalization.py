@@ -20,7 +20,7 @@ activations.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +37,11 @@ class Normalization:
     @classmethod
     def identity(cls, n_models: int) -> Normalization:
         return cls([1.0] * n_models, None)
+
+    @classmethod
+    def of(cls, norm: Normalization | Sequence[float]) -> Normalization:
+        """``norm`` itself, or bare per-model factors as a normalisation without centring."""
+        return norm if isinstance(norm, Normalization) else cls([float(v) for v in norm])
 
     def scale_tensor(self, device: str | torch.device | None = None) -> torch.Tensor:
         """``[1, n_models, 1]`` float32."""
@@ -87,26 +92,20 @@ def estimate_streaming(chunks: Callable[[], Iterable[torch.Tensor]], *, center: 
         if mean is not None:
             mu = mean.double()
         else:
-            total, n = None, 0
+            total, n = 0, 0
             for x in chunks():
-                part = x.double().sum(0)
-                total = part if total is None else total + part
-                n += x.shape[0]
+                total, n = total + x.double().sum(0), n + x.shape[0]
             mu = total / max(n, 1)
-    scale: list[float] | None = None
-    n_models = None
-    if scaling:
-        norm_sum, n = None, 0
-        for x in chunks():
-            xd = x.double() if mu is None else x.double() - mu
-            part = xd.norm(dim=-1).sum(0)  # [n_models]
-            norm_sum = part if norm_sum is None else norm_sum + part
-            n += x.shape[0]
-            d_model = x.shape[2]
-        scale = [math.sqrt(d_model) / max(float(v) / max(n, 1), 1e-12) for v in norm_sum.tolist()]
-    else:
-        for x in chunks():
-            n_models = x.shape[1]
+    mean_list = [[float(v) for v in row] for row in mu.float().tolist()] if mu is not None else None
+    norm_sum, n, shape = 0, 0, None
+    for x in chunks():
+        shape = x.shape
+        if not scaling:
             break
-        scale = [1.0] * (n_models if mu is None else mu.shape[0])
-    return Normalization(scale, [[float(v) for v in row] for row in mu.float().tolist()] if mu is not None else None)
+        xd = x.double() if mu is None else x.double() - mu
+        norm_sum, n = norm_sum + xd.norm(dim=-1).sum(0), n + x.shape[0]  # [n_models]
+    if not scaling:
+        return Normalization([1.0] * shape[1], mean_list)
+    d_model = shape[2]
+    return Normalization([math.sqrt(d_model) / max(float(v) / max(n, 1), 1e-12) for v in norm_sum.tolist()],
+                         mean_list)

@@ -22,7 +22,6 @@ import torch
 from ..data.paired import PairedCache
 from ..model import CrossCoder
 from ..normalization import Normalization
-from .scan import as_normalization
 
 
 class TopActivations:
@@ -101,7 +100,7 @@ def build_contexts(model: CrossCoder, cache: PairedCache, norm: Normalization | 
     "proj_ft"}`` where ``tokens[mark]`` is the activating token.
     """
     text = TokenText(tokenizer)
-    norm = as_normalization(norm)
+    norm = Normalization.of(norm)
     n_rows = cache.n_rows
     offsets = np.arange(-left, right + 1)
     norms = model.dec_norms().detach()

@@ -60,16 +60,11 @@ def select_rows(n_rows: int, max_tokens: int | None, seed: int = 0) -> np.ndarra
     return np.sort(rng.choice(n_rows, size=max_tokens, replace=False)).astype(np.int64)
 
 
-def as_normalization(norm: Normalization | Sequence[float]) -> Normalization:
-    """A :class:`Normalization`, from one or from bare per-model factors (no centring)."""
-    return norm if isinstance(norm, Normalization) else Normalization([float(v) for v in norm])
-
-
 def iter_chunks(cache: PairedCache, rows: np.ndarray, norm: Normalization | Sequence[float], chunk: int = 1024,
                 device: str | torch.device = "cpu") -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """``(rows [n], x [n, n_models, d_model])`` with ``x`` normalised (``norm``, e.g. the saved model's
     :meth:`~crosscoder.model.CrossCoder.normalization`, or bare per-model factors)."""
-    norm = as_normalization(norm)
+    norm = Normalization.of(norm)
     for lo in range(0, len(rows), chunk):
         r = rows[lo:lo + chunk]
         yield r, norm.apply_(cache.read(r)).to(device)
@@ -136,7 +131,7 @@ def scan(model: CrossCoder, cache: PairedCache, rows: np.ndarray, accumulators: 
     ``norm``: the raw-to-normalised map (the saved model's :meth:`~crosscoder.model.CrossCoder.normalization`,
     or bare per-model factors). Each accumulator gets ``update(x, f, x_hat, rows)`` per chunk.
     """
-    norm = as_normalization(norm)
+    norm = Normalization.of(norm)
     if len(norm.scale) != cache.n_models or cache.n_models != model.cfg.n_models:
         raise CrossCoderError(f"{cache.path}: {cache.n_models} models, the crosscoder has {model.cfg.n_models}")
     if cache.d_model != model.cfg.d_model:

@@ -73,7 +73,7 @@ class CacheBatches:
         self.rank, self.world_size = rank, world_size
         self.local_batch = batch_size // world_size
         self.n_models, self.d_model = cache.n_models, cache.d_model
-        self.norm = norm if isinstance(norm, Normalization) else Normalization([float(v) for v in norm])
+        self.norm = Normalization.of(norm)
         self.norm_scale, self.norm_mean = list(self.norm.scale), self.norm.mean
         self.train_mean: torch.Tensor | None = None  # [n_models, d_model] training-space mean, set by the run
         self.info = dict(info or {})

@@ -205,9 +205,8 @@ class CrossCoder(nn.Module):
         from .. import __version__
 
         d = dataclasses.asdict(self.cfg)
-        d["norm_scale"] = [float(v) for v in self.norm_scale.tolist()]
-        mu = self.norm_mean.detach().cpu()
-        d["norm_mean"] = [[float(v) for v in row] for row in mu.tolist()] if torch.any(mu != 0) else None
+        norm = self.normalization()
+        d["norm_scale"], d["norm_mean"] = norm.scale, norm.mean
         if self.cfg.arch == "batchtopk":
             d["threshold"] = float(self.threshold)
         d["library"] = "crosscoder"

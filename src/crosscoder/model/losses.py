@@ -57,22 +57,38 @@ def reconstruction_metrics(x: torch.Tensor, x_hat: torch.Tensor,
     err = (x - x_hat).pow(2)  # [b, m, d]
     dev = (x - x.mean(0, keepdim=True)).pow(2)  # [b, m, d]
     if dist_sum is None:
-        sse_m, sst_m = err.sum((0, 2)), dev.sum((0, 2))  # [m]
+        out = explained_variances(err.sum((0, 2)), dev.sum((0, 2)))
     else:
-        m = x.shape[1]
-        xd = x.double()
-        stats = torch.cat([err.sum((0, 2)).double(), xd.sum(0).reshape(-1), xd.pow(2).sum((0, 2)),
-                           torch.tensor([x.shape[0]], dtype=torch.float64, device=x.device)])
-        stats = dist_sum(stats)
-        sse_m, s1, s2, n = stats[:m], stats[m:-m - 1].view(m, -1), stats[-m - 1:-1], stats[-1]
-        sst_m = s2 - s1.pow(2).sum(-1) / n
-        sse_m, sst_m = sse_m.float(), sst_m.float()
-    out = {"explained_variance": 1 - sse_m.sum() / sst_m.sum()}
-    ev_m = 1 - sse_m / sst_m
-    for i in range(x.shape[1]):
-        out[f"explained_variance_{model_letter(i)}"] = ev_m[i]
+        out = {k: v.float() for k, v in explained_variance_from_moments(dist_sum(ev_moments(x, x_hat)),
+                                                                         x.shape[1]).items()}
     out["explained_variance_legacy"] = (1 - err.sum((1, 2)) / dev.sum((1, 2))).mean()
     return out
+
+
+def explained_variances(sse_m: torch.Tensor, sst_m: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``explained_variance`` (all models) and ``explained_variance_A``, ``_B`` ... from per-model
+    ``sse_m, sst_m [n_models]``."""
+    out = {"explained_variance": 1 - sse_m.sum() / sst_m.sum()}
+    ev_m = 1 - sse_m / sst_m
+    for i in range(sse_m.shape[0]):
+        out[f"explained_variance_{model_letter(i)}"] = ev_m[i]
+    return out
+
+
+def ev_moments(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Sums that pool explained variance over batches or ranks, float64
+    ``[SSE per model (m) | sum_b x (m * d) | sum_b ||x||^2 per model (m) | rows (1)]`` for
+    ``x, x_hat [batch, n_models, d_model]``; add them up, then :func:`explained_variance_from_moments`."""
+    xd = x.double()
+    return torch.cat([(xd - x_hat.double()).pow(2).sum((0, 2)), xd.sum(0).reshape(-1), xd.pow(2).sum((0, 2)),
+                      torch.tensor([x.shape[0]], dtype=torch.float64, device=x.device)])
+
+
+def explained_variance_from_moments(stats: torch.Tensor, n_models: int) -> dict[str, torch.Tensor]:
+    """:func:`explained_variances` from summed :func:`ev_moments` (SST around the pooled mean)."""
+    m = n_models
+    sse_m, s1, s2, n = stats[:m], stats[m:-m - 1].view(m, -1), stats[-m - 1:-1], stats[-1]
+    return explained_variances(sse_m, s2 - s1.pow(2).sum(-1) / n)
 
 
 def l2_loss(x: torch.Tensor, x_hat: torch.Tensor, kind: str = "squared") -> torch.Tensor:

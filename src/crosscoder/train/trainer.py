@@ -24,7 +24,7 @@ from ..config import RunConfig
 from ..distributed import LOCAL, Dist, setup, teardown
 from ..errors import CrossCoderError
 from ..model import CrossCoder, compute_loss
-from ..model.losses import model_letter
+from ..model.losses import ev_moments, explained_variance_from_moments
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
 from .logging import MetricsLogger
 from .sources import make_source
@@ -202,8 +202,8 @@ class _Loop:
         """
         self.model.eval()
         sums: dict[str, torch.Tensor] = {}
-        m = self.model.cfg.n_models
-        pooled = torch.zeros(3 * m + m * self.model.cfg.d_model, dtype=torch.float64, device=self.device)
+        m, d = self.model.cfg.n_models, self.model.cfg.d_model
+        pooled = torch.zeros(2 * m + m * d + 1, dtype=torch.float64, device=self.device)  # summed ev_moments
         n = 0
         for x in self.source.val_batches():
             with self._autocast():
@@ -211,9 +211,7 @@ class _Loop:
             for k, v in out.metrics.items():
                 if not k.startswith("explained_variance") or k == "explained_variance_legacy":
                     sums[k] = sums.get(k, 0) + v.float() * x.shape[0]
-            xd = x.double()
-            pooled += torch.cat([(xd - out.x_hat.double()).pow(2).sum((0, 2)), xd.pow(2).sum((0, 2)),
-                                 torch.zeros(m, dtype=torch.float64, device=self.device), xd.sum(0).reshape(-1)])
+            pooled = pooled + ev_moments(x, out.x_hat)
             n += x.shape[0]
         self.model.train()
         keys = list(sums)
@@ -228,11 +226,8 @@ class _Loop:
             return {}
         out_metrics = {f"val/{k}": v for k, v in zip(keys, (torch.stack([sums[k] for k in keys]) / n).tolist(),
                                                        strict=True)}
-        sse, s2, s1 = pooled[:m], pooled[m:2 * m], pooled[3 * m:].view(m, -1)
-        sst = s2 - s1.pow(2).sum(-1) / n  # [m] sum of squared deviations from the held-out mean
-        out_metrics["val/explained_variance"] = float(1 - sse.sum() / sst.sum().clamp_min(1e-30))
-        for i in range(m):
-            out_metrics[f"val/explained_variance_{model_letter(i)}"] = float(1 - sse[i] / sst[i].clamp_min(1e-30))
+        ev = explained_variance_from_moments(pooled, m)
+        out_metrics.update({f"val/{k}": float(v) for k, v in ev.items()})
         return out_metrics
 
     def _validate_calibrated(self, l1: float, final: bool) -> dict[str, float]:
