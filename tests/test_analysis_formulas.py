@@ -287,7 +287,7 @@ def test_contexts_mark_the_activating_token_and_stop_at_sequence_ends(tmp_path):
 def test_batchtopk_eval_threshold_used_for_contexts():
     cc = make_model(d_model=4, d_latent=6, arch="batchtopk", seed=1)
     with torch.no_grad():
-        cc.threshold.fill_(0.3)
+        cc.arch.threshold.fill_(0.3)
     cc.eval()
     x = torch.randn(50, 2, 4)
     lat = torch.arange(50) % 6

@@ -15,7 +15,7 @@ import torch
 
 from crosscoder.config import CrossCoderConfig
 from crosscoder.model import CrossCoder, compute_loss
-from crosscoder.model.sparse import Selection, select_batch_topk
+from crosscoder.model.selection import Selection, select_batch_topk
 from crosscoder.model.workspace import Workspace
 
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -60,7 +60,8 @@ def assert_same(r_d, r_f, dense: CrossCoder, fast: CrossCoder, rtol: float = 1e-
         g_d, g_f = getattr(dense, n).grad, getattr(fast, n).grad
         scale = g_d.abs().max().clamp_min(1e-6)
         torch.testing.assert_close(g_f / scale, g_d / scale, rtol=0, atol=1e-5, msg=lambda m, n=n: f"grad {n}: {m}")
-    assert torch.equal(fast.threshold, dense.threshold)
+    for name, v in dense.arch.state_dict().items():  # the architecture's own state (BatchTopK's threshold)
+        assert torch.equal(fast.arch.state_dict()[name], v), name
     assert torch.equal(r_d.latents.fired(), r_f.latents.fired())
 
 
@@ -72,7 +73,7 @@ METHODS = ("threshold", "topk")
 @pytest.mark.parametrize("l2", ["squared", "norm"])
 def test_no_aux(arch: str, method: str, l2: str) -> None:
     m = make(arch)
-    assert_same(*run_pair(m, batch(), method, l1_coeff=0.7, l2=l2))
+    assert_same(*run_pair(m, batch(), method, sparsity_coeff=0.7, l2=l2))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -88,7 +89,7 @@ def test_aux(arch: str, method: str, dead_frac: float, aux_k: int) -> None:
     m = make(arch)
     dead = torch.zeros(512, dtype=torch.bool)
     dead[torch.randperm(512, generator=torch.Generator().manual_seed(5))[:int(dead_frac * 512)]] = True
-    r_d, r_f, dn, fs = run_pair(m, batch(), method, l1_coeff=0.5, aux_k=aux_k, aux_coeff=0.25, dead=dead)
+    r_d, r_f, dn, fs = run_pair(m, batch(), method, sparsity_coeff=0.5, aux_k=aux_k, aux_coeff=0.25, dead=dead)
     assert_same(r_d, r_f, dn, fs)
     if dead_frac == 0.0:
         assert float(r_f.metrics["aux_loss"]) == 0.0
@@ -99,7 +100,7 @@ def test_aux(arch: str, method: str, dead_frac: float, aux_k: int) -> None:
 @pytest.mark.parametrize("method", METHODS)
 def test_concat_weighting(method: str) -> None:
     m = make("vanilla", l1_weighting="concat")
-    assert_same(*run_pair(m, batch(), method, l1_coeff=2.0))
+    assert_same(*run_pair(m, batch(), method, sparsity_coeff=2.0))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -177,7 +178,7 @@ def test_all_zero(method: str) -> None:
         m.b_enc.fill_(-1e3)
     r_d, r_f, dn, fs = run_pair(m, batch(), method, aux_k=8, dead=torch.ones(512, dtype=torch.bool))
     assert_same(r_d, r_f, dn, fs)
-    assert float(r_f.metrics["l0_loss"]) == 0.0 and float(fs.threshold) == -1.0
+    assert float(r_f.metrics["l0_loss"]) == 0.0 and float(fs.arch.threshold) == -1.0
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -194,7 +195,7 @@ def test_ties_duplicate_latents(method: str) -> None:
     s_d, s_f = (r_d.f * w).flatten(), (r_f.f * w).flatten()
     torch.testing.assert_close(s_f[s_f > 0].sort().values, s_d[s_d > 0].sort().values)
     torch.testing.assert_close(r_f.loss, r_d.loss, rtol=1e-5, atol=1e-6)
-    assert torch.equal(fs.threshold, dn.threshold)
+    assert torch.equal(fs.arch.threshold, dn.arch.threshold)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -203,11 +204,11 @@ def test_eval_mode(method: str) -> None:
     x = batch()
     # threshold not set yet: the batch rule without touching the threshold
     assert_same(*run_pair(m, x, method))
-    m.threshold.fill_(0.01)
+    m.arch.threshold.fill_(0.01)
     r_d, r_f, dn, fs = run_pair(m, x, method)
     assert_same(r_d, r_f, dn, fs)
     assert 0 < float(r_f.metrics["l0_loss"]) < 512
-    assert torch.equal(fs.threshold, torch.tensor(0.01))
+    assert torch.equal(fs.arch.threshold, torch.tensor(0.01))
 
 
 def test_threshold_ema_over_steps() -> None:
@@ -216,7 +217,7 @@ def test_threshold_ema_over_steps() -> None:
         x = batch(seed=10 + i)
         compute_loss(dense, x, fast=False)
         compute_loss(fast, x, fast=True)
-        assert torch.equal(dense.threshold, fast.threshold)
+        assert torch.equal(dense.arch.threshold, fast.arch.threshold)
 
 
 def test_select_batch_topk_matches_topk() -> None:
@@ -275,8 +276,8 @@ def test_latents_f_is_not_a_reused_buffer() -> None:
 def test_stale_graph_backward_raises() -> None:
     """The vanilla fast path reuses its buffers: a graph from an earlier call cannot run backward."""
     m = make("vanilla")
-    r1 = compute_loss(m, batch(seed=1), l1_coeff=1.0)
-    compute_loss(m, batch(seed=2), l1_coeff=1.0)
+    r1 = compute_loss(m, batch(seed=1), sparsity_coeff=1.0)
+    compute_loss(m, batch(seed=2), sparsity_coeff=1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         r1.loss.backward()
 
@@ -293,8 +294,8 @@ def test_bfloat16_autocast_close(arch: str) -> None:
     m = make(arch)
     x = batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        r_f = compute_loss(copy.deepcopy(m), x, l1_coeff=0.5)
-        r_d = compute_loss(copy.deepcopy(m), x, l1_coeff=0.5, fast=False)
+        r_f = compute_loss(copy.deepcopy(m), x, sparsity_coeff=0.5)
+        r_d = compute_loss(copy.deepcopy(m), x, sparsity_coeff=0.5, fast=False)
     assert torch.isfinite(r_f.loss)
     torch.testing.assert_close(r_f.loss.float(), r_d.loss.float(), rtol=5e-2, atol=1e-2)
 
@@ -343,7 +344,7 @@ def test_input_gradient(arch: str, method: str) -> None:
         mm = copy.deepcopy(m)
         mm.arch.select_method = method
         xx = x.clone().requires_grad_()
-        compute_loss(mm, xx, l1_coeff=0.5, aux_k=8, dead=torch.arange(512) % 3 == 0, fast=fast).loss.backward()
+        compute_loss(mm, xx, sparsity_coeff=0.5, aux_k=8, dead=torch.arange(512) % 3 == 0, fast=fast).loss.backward()
         grads.append(xx.grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
 

@@ -64,7 +64,7 @@ def make_model(arch: str = "vanilla", seed: int = 0) -> CrossCoder:
         model.b_enc.copy_(torch.randn(H, generator=g) * 0.1)
         model.b_dec.copy_(torch.randn(M, D, generator=g))
         if arch == "batchtopk":
-            model.threshold.fill_(0.05)
+            model.arch.threshold.fill_(0.05)
     return model.eval()
 
 
@@ -93,7 +93,7 @@ def test_save_load_round_trip(tmp_path: Path, arch: str) -> None:
     for a, b in zip(loaded(x), model(x), strict=True):
         close(a, b)
     if arch == "batchtopk":
-        assert float(loaded.threshold) == pytest.approx(0.05)
+        assert float(loaded.arch.threshold) == pytest.approx(0.05)
 
 
 # --------------------------------------------------------------------------------------- model card
@@ -371,7 +371,7 @@ def test_dictionary_learning_pt(tmp_path: Path, batchtopk: bool, code: str) -> N
     assert model.cfg.l1_weighting == ("concat" if code == "SAE" else "sum")
     check_against_dl(model, sd, code)
     if batchtopk:
-        assert model.cfg.k == K and float(model.threshold) == pytest.approx(float(sd["threshold"]))
+        assert model.cfg.k == K and float(model.arch.threshold) == pytest.approx(float(sd["threshold"]))
         x = rand_x(8)
         _, ref_batch, _ = dl_encode(sd, x, code, batch_rule=True)
         model.train()

@@ -41,7 +41,7 @@ def test_forward_by_hand():
 
 def test_l2_l1_l0_by_hand():
     m = tiny()
-    out = compute_loss(m, X, l1_coeff=0.5)
+    out = compute_loss(m, X, sparsity_coeff=0.5)
     # squared errors: token 0: (1-4)^2 + (1-2)^2 = 10 ; token 1: (-3)^2 = 9 -> mean 9.5
     assert out.metrics["l2_loss"].item() == pytest.approx(9.5)
     # L1 with sum of decoder norms: w = [1, 3]; token 0: 1*1 + 2*3 = 7; token 1: 2*1 = 2 -> 4.5
@@ -55,7 +55,7 @@ def test_l2_l1_l0_by_hand():
 
 def test_l1_concat_weighting():
     m = tiny(l1_weighting="concat")
-    out = compute_loss(m, X, l1_coeff=1.0)
+    out = compute_loss(m, X, sparsity_coeff=1.0)
     w1 = math.sqrt(4 + 1)  # concatenated norm of latent 1's decoder
     assert out.metrics["l1_loss"].item() == pytest.approx((1 * 1 + 2 * w1 + 2 * 1) / 2)
 
@@ -155,5 +155,5 @@ def test_aux_loss_distributed_equals_global():
 def test_batchtopk_has_no_l1_term():
     m = tiny("batchtopk")
     m.train()
-    out = compute_loss(m, X, l1_coeff=10.0)
+    out = compute_loss(m, X, sparsity_coeff=10.0)
     assert out.loss.item() == pytest.approx(out.metrics["l2_loss"].item())

@@ -56,21 +56,21 @@ def test_threshold_ema_and_inference_independent_of_batch():
     x1 = torch.randn(8, 2, 8)
     f = cc.encode(x1)
     s = (torch.relu(cc.encode_pre(x1)) * cc.latent_weight()).detach()[f > 0]
-    t1 = float(cc.threshold)
+    t1 = float(cc.arch.threshold)
     assert t1 == pytest.approx(float(s.min()))  # first value initialises the EMA
     x2 = torch.randn(8, 2, 8)
     f2 = cc.encode(x2)
     s2 = (torch.relu(cc.encode_pre(x2)) * cc.latent_weight()).detach()[f2 > 0]
-    assert float(cc.threshold) == pytest.approx(0.5 * t1 + 0.5 * float(s2.min()), rel=1e-6)
+    assert float(cc.arch.threshold) == pytest.approx(0.5 * t1 + 0.5 * float(s2.min()), rel=1e-6)
     cc.eval()
-    t = float(cc.threshold)
+    t = float(cc.arch.threshold)
     x = torch.randn(10, 2, 8)
     full = cc.encode(x)
     scores = torch.relu(cc.encode_pre(x)) * cc.latent_weight()
     assert torch.equal(full > 0, scores > t)
     for i in range(10):  # one token alone gives the same latents as inside the batch
         assert torch.allclose(cc.encode(x[i:i + 1]), full[i:i + 1], atol=1e-6)
-    assert float(cc.threshold) == t  # eval never moves the threshold
+    assert float(cc.arch.threshold) == t  # eval never moves the threshold
 
 
 @pytest.mark.parametrize("arch", ["vanilla", "batchtopk"])
@@ -79,7 +79,8 @@ def test_fold_equivalence(arch):
     with torch.no_grad():
         cc.b_dec.normal_()
         cc.b_enc.normal_(0, 0.1)
-        cc.threshold.fill_(0.05)
+        if arch == "batchtopk":
+            cc.arch.threshold.fill_(0.05)
     cc.eval()
     s = torch.tensor([0.5, 3.0])
     x_raw = torch.randn(20, 2, 8) * 4
@@ -99,8 +100,9 @@ def test_fold_equivalence(arch):
 @pytest.mark.parametrize("arch", ["vanilla", "batchtopk"])
 def test_save_load_roundtrip(tmp_path, arch):
     cc = make(arch)
-    with torch.no_grad():
-        cc.threshold.fill_(0.01)
+    if arch == "batchtopk":
+        with torch.no_grad():
+            cc.arch.threshold.fill_(0.01)
     cc.fold([2.0, 0.5])
     cc.save_pretrained(tmp_path / "m")
     back = CrossCoder.from_pretrained(tmp_path / "m")
@@ -109,4 +111,4 @@ def test_save_load_roundtrip(tmp_path, arch):
     cc.eval()
     assert torch.equal(back(x)[0], cc(x)[0])
     if arch == "batchtopk":
-        assert float(back.threshold) == float(cc.threshold)
+        assert float(back.arch.threshold) == float(cc.arch.threshold)

@@ -8,8 +8,9 @@ one peak GEMM after every timed step so that both see the same load. Numbers are
 
 FLOPs counted per step (``D = n_models * d_model``, ``H = dict_size``, ``B = batch``):
 
-* vanilla: ``10 B D H`` (encoder, decoder, and three backward GEMMs; no gradient w.r.t. the input);
-* batchtopk: ``2 B D H`` (dense encoder) ``+ 8 N D`` over the ``N = k B`` selected entries (sparse
+* architectures with dense latents (vanilla, jumprelu): ``10 B D H`` (encoder, decoder, and three backward
+  GEMMs; no gradient w.r.t. the input);
+* sparse ones (batchtopk, matryoshka): ``2 B D H`` (dense encoder) ``+ 8 N D`` over the ``N = k B`` selected entries (sparse
   decode, its two backward products, the sparse encoder backward) ``+`` the AuxK work over the dead
   latents (``8 B n_dead D`` as GEMMs over the dead columns, or ``8 B aux_k D`` as sparse entries).
 """
@@ -27,8 +28,8 @@ import torch
 
 from .config import CrossCoderConfig, TrainConfig
 from .errors import CrossCoderError
-from .model import CrossCoder
-from .model.sparse import AUX_SPARSE_DENSITY
+from .model import CrossCoder, architecture_names, get_architecture
+from .model.selection import AUX_SPARSE_DENSITY
 
 
 def synchronize(device: torch.device) -> None:
@@ -58,7 +59,7 @@ def gemm_seconds(m: int, k: int, n: int, device: torch.device, dtype: torch.dtyp
 
 def step_flops(arch: str, b: int, d: int, h: int, k: int, n_dead: int = 0, aux_k: int = 0) -> float:
     """Useful matmul FLOPs of one training step of our implementation (see the module docstring)."""
-    if arch == "vanilla":
+    if get_architecture(arch).dense_latents:
         flops = 10.0 * b * d * h
     else:
         flops = 2.0 * b * d * h + 8.0 * min(k * b, b * h) * d
@@ -109,8 +110,8 @@ def run_bench(arch: str = "vanilla", d_model: int = 256, dict_size: int = 8192, 
               compile: bool = False, threads: int | None = None, n_models: int = 2, aux_k: int | None = None,
               dead_frac: float = 0.0, seed: int = 0) -> dict[str, Any]:
     """Time ``steps`` training steps after ``warmup`` and return the result as a JSON-able dict."""
-    if arch not in ("vanilla", "batchtopk"):
-        raise CrossCoderError(f"--arch: unknown architecture {arch!r}")
+    if arch not in architecture_names():
+        raise CrossCoderError(f"--arch: unknown architecture {arch!r} (choices: {', '.join(architecture_names())})")
     for name, v in (("d-model", d_model), ("dict-size", dict_size), ("batch-size", batch_size), ("k", k),
                     ("steps", steps)):
         if v <= 0:
@@ -172,7 +173,7 @@ def run_bench(arch: str = "vanilla", d_model: int = 256, dict_size: int = 8192, 
 
 def add_shape_arguments(p: argparse.ArgumentParser, arch: str = "vanilla") -> None:
     """The step-shape flags shared by ``crosscoder bench`` and the scripts in ``benchmarks/``."""
-    p.add_argument("--arch", choices=("vanilla", "batchtopk"), default=arch, help=f"architecture (default: {arch})")
+    p.add_argument("--arch", choices=architecture_names(), default=arch, help=f"architecture (default: {arch})")
     p.add_argument("--d-model", type=int, default=256, help="activation width per model (default: 256)")
     p.add_argument("--n-models", type=int, default=2, help="number of models (default: 2)")
     p.add_argument("--dict-size", "--d-latent", dest="dict_size", type=int, default=8192,

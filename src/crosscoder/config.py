@@ -14,31 +14,37 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .fields import option as _f
+from .model.registry import ARCHITECTURES, architecture_names
 
-ARCH_CHOICES = ("vanilla", "batchtopk")
 DEFAULT_VAL_TOKENS = 65_536  # held-out rows when the data has at least 10x as many
 
 
-def _f(default: Any, help: str, *, aliases: tuple[str, ...] = (), choices: tuple | None = None, cli: bool = True):
-    meta = {"help": help, "aliases": aliases, "choices": choices, "cli": cli}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
+def _option_classes() -> tuple[type, ...]:
+    """The ``Options`` dataclasses of the registered architectures (each once, registration order)."""
+    out: list[type] = []
+    for cls in ARCHITECTURES.values():
+        if cls.Options is not None and cls.Options not in out:
+            out.append(cls.Options)
+    return tuple(out)
 
 
 @dataclass
-class CrossCoderConfig:
-    """Architecture of one crosscoder. Saved at the top level of ``config.json``."""
+class _ModelFields:
+    """The fields every architecture shares (first in ``config.json``)."""
 
-    arch: str = _f("vanilla", "architecture from the registry", choices=ARCH_CHOICES)
+    arch: str = _f("vanilla", "architecture from the registry", choices=architecture_names())
     d_latent: int = _f(2048, "number of latents (dictionary size)", aliases=("--dict-size",))
-    k: int = _f(32, "batchtopk: mean active latents per token (k * batch kept per batch)")
     l1_weighting: str = _f(
-        "sum", "vanilla: decoder-norm weighting of the L1 penalty", choices=("sum", "concat")
+        "sum", "decoder-norm weighting of the sparsity term (and of BatchTopK scores)", choices=("sum", "concat")
     )
     dec_init_norm: float = _f(1.0, "initial L2 norm of every per-model decoder vector, in the normalised "
                               "space (0.08: Kissane's replication)")
-    threshold_beta: float = _f(0.999, "batchtopk: EMA factor of the inference threshold")
+    shared_latents: int = _f(0, "designated shared latents: decoder vector tied across models (any architecture)")
+    shared_sparsity_coeff: float = _f(0.1, "sparsity factor of the designated shared latents relative to the "
+                                      "others (penalties multiplied, selection scores divided by it)")
+    dedicated_base: int = _f(0, "dedicated partition: the first N latents read and write the base model only")
+    dedicated_ft: int = _f(0, "dedicated partition: the next N latents read and write the fine-tuned model only")
     n_models: int = _f(2, "number of models (inferred from data)", cli=False)
     d_model: int = _f(0, "activation width (inferred from data)", cli=False)
     norm_scale: list[float] | None = _f(
@@ -50,19 +56,39 @@ class CrossCoderConfig:
     model_names: list[str] | None = _f(None, "names of the models, base first", cli=False)
     site: str | None = _f(None, "module the activations were read at", cli=False)
 
+
+@dataclass
+class CrossCoderConfig(*_option_classes(), _ModelFields):
+    """Architecture of one crosscoder: the shared fields, then each registered architecture's ``Options``
+    (flat, as flags and in ``config.json``). Saved at the top level of ``config.json``."""
+
     def validate(self) -> None:
-        if self.arch not in ARCH_CHOICES:
-            raise ConfigError(f"arch: unknown architecture {self.arch!r} (choices: {', '.join(ARCH_CHOICES)})")
-        for name in ("d_latent", "k", "n_models"):
+        if self.arch not in ARCHITECTURES:
+            raise ConfigError(f"arch: unknown architecture {self.arch!r} (choices: {', '.join(ARCHITECTURES)})")
+        for name in ("d_latent", "n_models"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        if hasattr(self, "k") and self.k <= 0:
+            raise ConfigError(f"k: must be positive, got {self.k}")
         if self.l1_weighting not in ("sum", "concat"):
             raise ConfigError(f"l1_weighting: must be 'sum' or 'concat', got {self.l1_weighting!r}")
+        for name in ("shared_latents", "dedicated_base", "dedicated_ft"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        reserved = self.shared_latents + self.dedicated_base + self.dedicated_ft
+        if reserved > self.d_latent:
+            raise ConfigError(f"shared_latents + dedicated_base + dedicated_ft: {reserved} exceeds d_latent "
+                              f"({self.d_latent})")
+        if self.dedicated_base + self.dedicated_ft and self.n_models < 2:
+            raise ConfigError("dedicated_base/dedicated_ft: need at least two models")
+        if not self.shared_sparsity_coeff > 0:
+            raise ConfigError(f"shared_sparsity_coeff: must be positive, got {self.shared_sparsity_coeff}")
         if self.norm_scale is not None and len(self.norm_scale) != self.n_models:
             raise ConfigError(f"norm_scale: expected {self.n_models} factors, got {len(self.norm_scale)}")
         if self.norm_mean is not None and self.d_model > 0 and (len(self.norm_mean) != self.n_models
                                            or any(len(r) != self.d_model for r in self.norm_mean)):
             raise ConfigError(f"norm_mean: expected {self.n_models} rows of {self.d_model} values")
+        ARCHITECTURES[self.arch].validate_config(self)
 
 
 @dataclass
@@ -76,7 +102,7 @@ class TrainConfig:
     beta2: float = _f(0.999, "Adam beta2")
     lr_warmup_frac: float = _f(0.0, "fraction of steps of linear LR warm-up")
     lr_decay_frac: float = _f(0.2, "fraction of steps (at the end) of linear LR decay to 0")
-    l1_coeff: float = _f(1.0, "vanilla: L1 coefficient (after warm-up)")
+    l1_coeff: float = _f(1.0, "sparsity coefficient after warm-up (vanilla: L1; jumprelu: L0/tanh penalty)")
     l1_warmup_frac: float = _f(0.05, "fraction of steps over which the L1 coefficient ramps from 0")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (<= 0 disables)")
     aux_k: int | None = _f(None, "AuxK: dead latents used by the auxiliary loss (0 = off; default "
@@ -125,12 +151,12 @@ class TrainConfig:
         return self.num_tokens // self.batch_size
 
     def resolved_aux_k(self, arch: str, d_latent: int) -> int:
-        """``aux_k``, or its default: ``min(512, d_latent // 2)`` for batchtopk (Gao et al. use 512 with
-        dictionaries of 2^15 and more; half of a small dictionary keeps the auxiliary loss a sparse
-        reconstruction), 0 (off) for vanilla."""
+        """``aux_k``, or its default: ``min(512, d_latent // 2)`` for architectures with AuxK on by default
+        (the BatchTopK family; Gao et al. use 512 with dictionaries of 2^15 and more; half of a small
+        dictionary keeps the auxiliary loss a sparse reconstruction), 0 (off) for the others."""
         if self.aux_k is not None:
             return self.aux_k
-        return min(512, max(1, d_latent // 2)) if arch == "batchtopk" else 0
+        return min(512, max(1, d_latent // 2)) if ARCHITECTURES[arch].aux_by_default else 0
 
     @property
     def resolved_dead_tokens(self) -> int:

@@ -20,7 +20,6 @@ from typing import Any
 from .recovery import classification_scores, format_recovery, planted_cosines, recovery
 from .scaling import LatentScalingResult, ScalingAccumulator, latent_scaling
 from .table import (
-    ARCH_THRESHOLDS,
     CLASS_NAMES,
     Thresholds,
     class_counts,
@@ -67,6 +66,6 @@ def latent_table(model: Any, data: Any = None, *, thresholds: Thresholds | None 
     return cols if as_dict else to_dataframe(cols)
 
 
-__all__ = ["ARCH_THRESHOLDS", "CLASS_NAMES", "LatentScalingResult", "ScalingAccumulator", "Thresholds",
+__all__ = ["CLASS_NAMES", "LatentScalingResult", "ScalingAccumulator", "Thresholds",
            "class_counts", "classification_scores", "classify", "decoder_metrics", "format_recovery",
            "latent_columns", "latent_scaling", "latent_table", "planted_cosines", "recovery", "thresholds_for"]

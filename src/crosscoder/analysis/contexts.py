@@ -85,8 +85,7 @@ def latent_acts(model: CrossCoder, x: torch.Tensor, latents: torch.Tensor) -> to
     ``latents [n]`` -> ``[n]``, with the architecture's own eval rule (BatchTopK: the threshold)."""
     w = model.W_enc[:, :, latents]  # [M, d, n]
     pre = torch.einsum("nmd,mdn->n", x, w) + model.b_enc[latents]
-    weight = model.latent_weight()[latents]
-    return model.arch.activate(pre[:, None], weight[:, None], False)[:, 0]
+    return model.arch.activate_entries(pre, latents)
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ and ``n_f = ||d_ft||`` for one latent:
 
 both 0 = base-only, 0.5 = equal, 1 = fine-tuned-only.
 
-Classification (:class:`Thresholds`, defaults per architecture in :data:`ARCH_THRESHOLDS`):
+Classification (:class:`Thresholds`, defaults per architecture from its ``exclusive_band``, :func:`thresholds_for`):
 
 1. by norm: ``base_only`` if r < band, ``ft_only`` if r > 1 - band, ``shared`` if |r - 0.5| <=
    ``shared_band``, else ``other`` (``norm_class``);
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..errors import CrossCoderError
-from ..model import CrossCoder
+from ..model import ARCHITECTURES, CrossCoder
 from .scaling import LatentScalingResult
 
 CLASS_NAMES = ("base_only", "shared", "ft_only", "other")
@@ -59,17 +59,11 @@ class Thresholds:
             raise CrossCoderError(f"shared_band: must be in [0, 0.5 - exclusive_band), got {self.shared_band}")
 
 
-# BatchTopK has no L1 pressure shrinking the other model's decoder to zero, so its exclusive latents
-# keep a small residual norm there (r ~ 0.8-0.95): a wider band, with Latent Scaling as the filter.
-ARCH_THRESHOLDS: dict[str, Thresholds] = {
-    "vanilla": Thresholds(exclusive_band=0.1),
-    "batchtopk": Thresholds(exclusive_band=0.25),
-}
-
-
 def thresholds_for(arch: str, **overrides: Any) -> Thresholds:
-    """The default thresholds of ``arch`` with ``overrides`` (None values ignored) applied."""
-    base = ARCH_THRESHOLDS.get(arch, Thresholds())
+    """The default thresholds of ``arch`` (its ``exclusive_band``, e.g. 0.25 for BatchTopK, whose exclusive
+    latents keep a small residual norm in the other model) with ``overrides`` (None values ignored)."""
+    cls = ARCHITECTURES.get(arch)
+    base = Thresholds(exclusive_band=cls.exclusive_band) if cls is not None else Thresholds()
     t = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
     t.validate()
     return t

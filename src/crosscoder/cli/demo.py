@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..model.registry import architecture_names
+
 NAME = "demo"
 HELP = "offline demo: build a tiny base/fine-tuned GPT-2 pair, collect activations, train a batchtopk crosscoder"
 
@@ -28,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--small", action="store_true", help="a much smaller pair and run (seconds; what the tests use)")
     a("--num-tokens", type=int, default=None, help="tokens to collect (default: 150000; --small 20000)")
     a("--train-tokens", type=int, default=None, help="crosscoder training tokens (default: 1000000; --small 60000)")
-    a("--arch", default="batchtopk", choices=("batchtopk", "vanilla"), help="crosscoder architecture")
+    a("--arch", default="batchtopk", choices=architecture_names(), help="crosscoder architecture")
     a("--d-latent", type=int, default=None, help="latents (default: 512; --small 128)")
     a("--k", type=int, default=None, help="batchtopk k (default: 16; --small 8)")
     a("--batch-size", type=int, default=None, help="training batch (default: 512; --small 256)")

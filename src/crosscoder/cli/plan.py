@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..model.registry import architecture_names
+
 NAME = "plan"
 HELP = "Estimate per-rank memory of a training run and the disk of an activation cache, before running it."
 
@@ -14,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dict-size", type=int, required=True)
     p.add_argument("--batch-size", type=int, default=4096, help="global batch in tokens (default 4096)")
     p.add_argument("--n-models", type=int, default=2)
-    p.add_argument("--arch", choices=("vanilla", "batchtopk"), default="batchtopk")
+    p.add_argument("--arch", choices=architecture_names(), default="batchtopk")
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--aux-k", type=int, default=0)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")

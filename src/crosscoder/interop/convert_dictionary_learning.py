@@ -234,7 +234,8 @@ def from_dictionary_learning(path: str | Path, *, cfg_path: str | Path | None = 
         model.b_enc.copy_(b_enc)
         model.W_dec.copy_(w_dec_ours)
         model.b_dec.copy_(b_dec)
-        model.threshold.fill_(threshold)
+        if batchtopk:
+            model.arch.threshold.fill_(threshold)
     if scale is not None:
         model.fold(scale)
     model.eval()

@@ -9,6 +9,7 @@ what would be published.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from typing import Any
 
 from ..errors import CrossCoderError
 from ..io import atomic_path
+from ..model.registry import ARCHITECTURES
 from .common import CONVERTED_KEY, first_line, write_folder
 
 CONFIG_NAME = "config.json"
@@ -96,9 +98,16 @@ def render_model_card(config: dict[str, Any], *, repo_id: str | None = None, has
     lines += ["## Architecture", ""]
     rows = [("architecture", arch), ("n_models", n_models), ("d_model", config.get("d_model")),
             ("d_latent", config.get("d_latent"))]
-    if arch == "batchtopk":
-        rows += [("k (mean active latents per token)", config.get("k")),
-                 ("inference threshold (on decoder-norm-weighted activations)", config.get("threshold"))]
+    cls = ARCHITECTURES.get(arch)
+    if cls is not None and cls.Options is not None:  # the architecture's own fields
+        for f in dataclasses.fields(cls.Options):
+            if config.get(f.name) is not None:
+                what = f.metadata.get("help", "").split(": ", 1)[-1].split(" (")[0]
+                rows.append((f"{f.name} ({what})", config[f.name]))
+    if config.get("threshold") is not None:
+        rows.append(("inference threshold (on decoder-norm-weighted activations)", config["threshold"]))
+    rows += [(name, config[name]) for name in ("dedicated_base", "dedicated_ft", "shared_latents")
+             if config.get(name)]
     rows += [("decoder-norm weighting", config.get("l1_weighting"))]
     scale = config.get("norm_scale")
     centred = config.get("norm_mean") is not None

@@ -16,6 +16,11 @@ the normalised training space, ``x' = norm_scale * (x - norm_mean)`` (see
 raw activations, and keeps the factors so that decoder norms (the L1 weighting, the BatchTopK scores,
 the diffing metrics) are still measured in the normalised space: latents are identical before and
 after folding.
+
+The architecture (``cfg.arch``, from :mod:`crosscoder.model.registry`) is the submodule ``arch``: it owns
+the activation rule, its sparsity term, its own parameters and buffers and what it saves. The latent
+layout (:mod:`crosscoder.model.layout`: dedicated partitions, designated shared latents) constrains the
+weights for every architecture.
 """
 
 from __future__ import annotations
@@ -23,19 +28,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..config import CrossCoderConfig
 from ..errors import CrossCoderError
 from ..io import atomic_path
 from ..normalization import Normalization
+from .architectures import Architecture
+from .layout import LatentLayout
 from .registry import get_architecture
+
+if TYPE_CHECKING:
+    from ..config import CrossCoderConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -44,6 +52,8 @@ PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 class CrossCoder(nn.Module):
     """A crosscoder of architecture ``cfg.arch`` (see :mod:`crosscoder.model.registry`)."""
+
+    arch: Architecture
 
     def __init__(self, cfg: CrossCoderConfig, generator: torch.Generator | None = None,
                  device: str | torch.device | None = None) -> None:
@@ -63,8 +73,9 @@ class CrossCoder(nn.Module):
         self.register_buffer("norm_scale", scale, persistent=False)
         mean = torch.tensor(cfg.norm_mean, dtype=torch.float32) if cfg.norm_mean is not None else torch.zeros(m, d)
         self.register_buffer("norm_mean", mean, persistent=False)
-        # BatchTopK inference threshold on decoder-norm-weighted activations (-1 = not yet set).
-        self.register_buffer("threshold", torch.tensor(-1.0))
+        self.layout = LatentLayout.of(cfg)
+        self.register_buffer("sparsity_scale", self.layout.sparsity_scale(), persistent=False)
+        self.layout.apply_(self.W_enc.data, self.W_dec.data)
         self.arch = get_architecture(cfg.arch)(self)
         if device is not None:
             self.to(device)
@@ -75,7 +86,8 @@ class CrossCoder(nn.Module):
         return self.W_dec.norm(dim=-1) * self.norm_scale
 
     def latent_weight(self) -> torch.Tensor:
-        """Decoder-norm weight of each latent ``[d_latent]``: sum over models (or concat norm)."""
+        """Decoder-norm weight of each latent ``[d_latent]``: sum over models (or concat norm). The
+        architecture's sparsity weight (:meth:`Architecture.weight`) adds the layout's per-latent factor."""
         norms = self.dec_norms()
         if self.cfg.l1_weighting == "concat":
             return norms.pow(2).sum(-1).sqrt()
@@ -91,7 +103,7 @@ class CrossCoder(nn.Module):
 
         BatchTopK uses the batch rule in training mode and the threshold in eval mode.
         """
-        return self.arch.activate(self.encode_pre(x), self.latent_weight(), self.training)
+        return self.arch.activate(self.encode_pre(x), self.arch.weight(), self.training)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """``f [batch, d_latent]`` -> reconstruction ``[batch, n_models, d_model]``."""
@@ -103,41 +115,10 @@ class CrossCoder(nn.Module):
         f = self.encode(x)
         return self.decode(f), f
 
-    @torch.no_grad()
-    def update_threshold(self, kept_scores: torch.Tensor) -> None:
-        """EMA of the smallest positive kept score (no host synchronisation); no-op on an empty set."""
-        if kept_scores.numel() == 0:
-            return
-        pos = torch.where(kept_scores > 0, kept_scores, torch.full_like(kept_scores, float("inf")))
-        smallest = pos.min().to(self.threshold.dtype)
-        beta = self.cfg.threshold_beta
-        ema = torch.where(self.threshold < 0, smallest, beta * self.threshold + (1 - beta) * smallest)
-        self.threshold.copy_(torch.where(torch.isfinite(smallest), ema, self.threshold))
-
-    @torch.no_grad()
-    def calibrate_threshold(self, batches: Iterable[torch.Tensor]) -> int:
-        """BatchTopK: set the inference threshold so that eval mode keeps ``k`` latents per row on average.
-
-        ``batches`` yield rows ``[n, n_models, d_model]`` in the model's input space. Over all ``N`` rows
-        the threshold becomes the ``(k N + 1)``-th largest score ``relu(pre) * weight`` (0 when fewer
-        are positive), so ``score > threshold`` keeps exactly ``k N`` entries on these rows (ties aside).
-        The scores of the final weights are used, unlike the training EMA, which lags while the scores
-        grow. Returns ``N``.
-        """
-        k = self.cfg.k
-        weight = self.latent_weight().float()
-        top: torch.Tensor | None = None
-        n = 0
-        for x in batches:
-            scores = (torch.relu(self.encode_pre(x.to(self.W_enc.device).float())) * weight).flatten()
-            n += x.shape[0]
-            cand = scores if top is None else torch.cat([top, scores])
-            top = cand.topk(min(k * n + 1, cand.numel()), sorted=False).values
-        if top is None:
-            return 0
-        t = float(top.min()) if top.numel() == k * n + 1 else 0.0
-        self.threshold.fill_(max(t, 0.0))
-        return n
+    def constrain_grads(self) -> None:
+        """After ``backward()``: keep the latent layout (dedicated blocks zero, shared decoders tied)."""
+        if self.layout.constrained:
+            self.layout.project_grads_(self.W_enc, self.W_dec)
 
     # ------------------------------------------------------------------ normalisation
     def normalization(self) -> Normalization:
@@ -197,8 +178,7 @@ class CrossCoder(nn.Module):
     # ------------------------------------------------------------------ persistence
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {n: getattr(self, n).detach().contiguous().cpu() for n in PARAM_NAMES}
-        if self.cfg.arch == "batchtopk":
-            out["threshold"] = self.threshold.detach().cpu().reshape(())
+        out.update(self.arch.saved_tensors())
         return out
 
     def config_dict(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -207,8 +187,7 @@ class CrossCoder(nn.Module):
         d = dataclasses.asdict(self.cfg)
         norm = self.normalization()
         d["norm_scale"], d["norm_mean"] = norm.scale, norm.mean
-        if self.cfg.arch == "batchtopk":
-            d["threshold"] = float(self.threshold)
+        d.update(self.arch.config_info())
         d["library"] = "crosscoder"
         d["version"] = __version__
         if extra:
@@ -236,6 +215,8 @@ class CrossCoder(nn.Module):
         for p in (cfg_path, w_path):
             if not p.is_file():
                 raise CrossCoderError(f"{p}: not found (expected a crosscoder folder)")
+        from ..config import CrossCoderConfig
+
         raw = json.loads(cfg_path.read_text())
         cfg = CrossCoderConfig(**{f.name: raw[f.name] for f in dataclasses.fields(CrossCoderConfig) if f.name in raw})
         model = cls(cfg)
@@ -251,8 +232,7 @@ class CrossCoder(nn.Module):
                     raise CrossCoderError(f"{w_path}: {n} has shape {tuple(tensors[n].shape)}, "
                                           f"config says {tuple(getattr(model, n).shape)}")
                 getattr(model, n).copy_(tensors[n])
-            if "threshold" in tensors:
-                model.threshold.copy_(tensors["threshold"].reshape(()))
+            model.arch.load_saved(tensors, str(w_path))
         model.eval()
         if device is not None:
             model.to(device)

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from .workspace import Workspace, big_kernels
+from .selection import big_kernels
+from .workspace import Workspace
 
 
 class _DenseReLU(torch.autograd.Function):

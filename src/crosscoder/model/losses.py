@@ -4,7 +4,7 @@ With ``x, x_hat [batch, n_models, d_model]``, ``f [batch, d_latent]`` and ``w [d
 weight (sum over models of decoder norms, or the concatenated norm):
 
 * ``l2_loss``  = mean_b sum_{m,d} (x - x_hat)^2              (``l2="norm"``: mean_b sum_m ||x_m - x_hat_m||)
-* ``l1_loss``  = mean_b sum_i f_i * w_i
+* ``l1_loss`` (vanilla; each architecture names its sparsity term, ``penalty_name``) = mean_b sum_i f_i * w_i
 * ``l0_loss``  = mean_b #{i : f_i > 0}
 * ``explained_variance``   = 1 - SSE / SST, SST around the batch mean, over all models
 * ``explained_variance_A`` (``_B``, ``_C`` ...) the same restricted to model 0 (1, 2 ...)
@@ -12,19 +12,23 @@ weight (sum over models of decoder norms, or the concatenated norm):
 * ``aux_loss`` (AuxK): residual ``e = x - x_hat`` (detached) reconstructed by the top ``aux_k`` dead
   latents of each token (decoder without bias), ``sum (e - e_hat)^2 / max(sum (e - mean_b e)^2,
   sum e^2 / 10)`` (see :func:`aux_loss_from` for the floor); zero when no latent is dead.
-* ``loss`` = l2_loss + l1_coeff * l1_loss (architectures with L1) + aux_coeff * aux_loss (when aux_k > 0)
+* the architecture's further loss terms (e.g. Matryoshka's prefix losses), under their own names
+* ``loss`` = l2_loss + l1_coeff * sparsity term (architectures with one) + further terms
+  + aux_coeff * aux_loss (when aux_k > 0)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from .architectures import Latents, StepInput
 from .crosscoder import CrossCoder
-from .registry import Latents
 
 DistSum = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over ranks (identity on one process)
 
@@ -139,40 +143,43 @@ def aux_loss_from(e_hat: torch.Tensor, residual: torch.Tensor, scale: torch.Tens
     return out * scale.to(num.dtype) if scale is not None else out
 
 
-def compute_loss(model: CrossCoder, x: torch.Tensor, *, l1_coeff: float | torch.Tensor = 0.0,
-                 l2: str = "squared", aux_k: int = 0, aux_coeff: float = 1 / 32,
-                 dead: torch.Tensor | None = None, fast: bool = True, dist_sum: DistSum | None = None,
-                 world_size: int = 1) -> LossOutput:
+def compute_loss(model: CrossCoder, x: torch.Tensor, inp: StepInput | None = None, **fields: Any) -> LossOutput:
     """Forward ``x [batch, n_models, d_model]`` through ``model`` and return the loss and metrics.
 
-    Uses the model's mode: in training mode BatchTopK selects over the batch and updates its threshold.
-    ``fast=True`` runs the architecture's fast path (same mathematics, see ``docs/performance.md``);
-    ``fast=False`` the plain dense path (encode, ``activate``, decode).
+    ``inp`` (:class:`StepInput`; keyword ``fields`` override or replace it) carries the sparsity coefficient,
+    AuxK settings, dead mask, training progress and distributed context. The model's mode applies: in
+    training mode BatchTopK selects over the batch and updates its threshold. ``inp.fast`` runs the
+    architecture's fast path (same mathematics, see ``docs/performance.md``), else the plain dense path.
+
+    ``loss = l2 + sparsity_coeff * sparsity + sum(fw.losses) + aux_coeff * aux`` where ``sparsity`` is the
+    architecture's term (``fw.sparsity``) and ``fw.losses`` its further terms (already weighted).
     """
+    inp = dataclasses.replace(inp or StepInput(), **fields) if fields else (inp or StepInput())
     arch = model.arch
-    weight = model.latent_weight()
-    use_aux = aux_k > 0 and dead is not None
-    fw = (arch.forward_fast if fast else arch.forward_dense)(x, weight, aux_k if use_aux else 0,
-                                                              dead if use_aux else None)
+    fw = arch(x, inp)
     x_hat = fw.x_hat
-    l2_val = l2_loss(x, x_hat, l2)
+    l2_val = l2_loss(x, x_hat, inp.l2)
     loss = l2_val
-    if arch.uses_l1:
-        loss = loss + l1_coeff * fw.l1
+    if arch.penalty_name is not None:
+        loss = loss + inp.sparsity_coeff * fw.sparsity
+    for v in fw.losses.values():
+        loss = loss + v
     metrics: dict[str, torch.Tensor] = {}
-    if use_aux:
+    if inp.use_aux:
         if fw.aux_e_hat is None:  # no dead latent (known without a device read): the loss is exactly 0
             aux = torch.zeros((), device=x.device)
         else:
-            aux = aux_loss_from(fw.aux_e_hat, (x - x_hat).detach(), fw.aux_scale, dist_sum, world_size)
-            loss = loss + aux_coeff * aux
+            dist_sum = inp.dist.all_reduce_sum if inp.dist is not None else None
+            aux = aux_loss_from(fw.aux_e_hat, (x - x_hat).detach(), fw.aux_scale, dist_sum, inp.world_size)
+            loss = loss + inp.aux_coeff * aux
         metrics["aux_loss"] = aux.detach()
     with torch.no_grad():
-        metrics.update(
-            loss=loss.detach(),
-            l2_loss=l2_val.detach(),
-            l1_loss=fw.l1.detach(),
-            l0_loss=fw.latents.l0(),
-            **reconstruction_metrics(x, x_hat.detach(), dist_sum),
-        )
+        metrics.update(loss=loss.detach(), l2_loss=l2_val.detach())
+        if arch.penalty_name is not None:
+            metrics[arch.penalty_name] = fw.sparsity.detach()
+        metrics.update({k: v.detach() for k, v in fw.losses.items()})
+        metrics.update(fw.metrics)
+        metrics["l0_loss"] = fw.latents.l0()
+        dist_sum = inp.dist.all_reduce_sum if inp.dist is not None else None
+        metrics.update(reconstruction_metrics(x, x_hat.detach(), dist_sum))
     return LossOutput(loss=loss, metrics=metrics, latents=fw.latents, x_hat=x_hat.detach())

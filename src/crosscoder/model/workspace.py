@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -35,46 +33,6 @@ class Workspace:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._bufs = {}
-
-
-# ---------------------------------------------------------------------------------------------- threads
-_BIG_THREADS = [0]  # thread count of big_kernels() regions while serial_small_ops() is active (0: inactive)
-
-
-@contextmanager
-def serial_small_ops(threads: int) -> Iterator[None]:
-    """Run enclosed CPU work on one thread, except :func:`big_kernels` regions, which use ``threads``.
-
-    A parallel region costs a barrier; over the ~10^5-element tensors of the sparse paths that costs more
-    than it saves, and on a shared machine each barrier waits for a scheduler time slice whenever another
-    process holds a core (2 threads then ran the BatchTopK step ~4x slower than 1). GEMMs and passes over
-    ``[batch, d_latent]`` amortise it and keep ``threads``. No-op for ``threads <= 1``.
-    """
-    if threads <= 1 or _BIG_THREADS[0]:
-        yield
-        return
-    prev = torch.get_num_threads()
-    _BIG_THREADS[0] = threads
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        _BIG_THREADS[0] = 0
-        torch.set_num_threads(prev)
-
-
-@contextmanager
-def big_kernels() -> Iterator[None]:
-    """Inside :func:`serial_small_ops`: run the enclosed (large) kernels with its thread count."""
-    n = _BIG_THREADS[0]
-    if n <= 1:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(1)
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:

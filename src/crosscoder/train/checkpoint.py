@@ -1,7 +1,8 @@
 """Checkpoints: ``OUT/checkpoints/step_<N>/``, each written to a temp folder and renamed into place.
 
-A checkpoint holds ``model.safetensors`` (weights in the normalised training space, the BatchTopK
-threshold and the dead-latent counters), ``optimizer.pt`` and ``scheduler.pt`` (tensors and plain
+A checkpoint holds ``model.safetensors`` (the model's state dict in the normalised training space,
+with the architecture's parameters and buffers such as BatchTopK's threshold, and the dead-latent
+counters), ``optimizer.pt`` and ``scheduler.pt`` (tensors and plain
 values only, read back with ``weights_only=True``), ``rng.pt`` (torch CPU/CUDA generator states) and
 ``state.json`` (step, tokens seen, data position). Only the newest ``keep`` complete checkpoints are kept;
 a failed write leaves the earlier ones untouched.

@@ -7,7 +7,8 @@ global, so a run does not depend on the number of processes:
 * gradients: DDP averages the ranks' gradients of their local batch means = the gradient of the
   global batch mean (equal shares);
 * BatchTopK: the selection and the threshold come from the global batch
-  (:meth:`~crosscoder.model.registry.BatchTopK.select_batch`);
+  (:meth:`~crosscoder.model.architectures.batchtopk.BatchTopK.select_batch`, given the distributed
+  context in :class:`~crosscoder.model.StepInput`);
 * AuxK: normalised by the global residual variance; explained variance from global SSE/SST;
 * dead-latent counters: a latent fired if it fired on any rank (all-reduce MAX);
 * logged metrics: averaged over ranks at each log step; only rank 0 writes logs and checkpoints.
@@ -21,32 +22,30 @@ import torch
 from torch import nn
 
 from ..distributed import Dist
-from ..model import CrossCoder, compute_loss
+from ..model import CrossCoder, LossOutput, StepInput, compute_loss
 
 
 class LossModule(nn.Module):
-    """Wraps a crosscoder so that DDP sees one forward: ``x -> (loss, metrics, latents)``."""
+    """Wraps a crosscoder so that DDP sees one forward: ``(x, inp) -> LossOutput`` of ``loss_fn``."""
 
     def __init__(self, model: CrossCoder, loss_fn: Any = compute_loss) -> None:
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
 
-    def forward(self, x: torch.Tensor, kw: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any]:
-        res = self.loss_fn(self.model, x, **kw)
-        return res.loss, res.metrics, res.latents
+    def forward(self, x: torch.Tensor, inp: StepInput) -> LossOutput:
+        return self.loss_fn(self.model, x, inp)
 
 
-def wrap(model: CrossCoder, d: Dist, device: torch.device, loss_fn: Any = compute_loss) -> nn.Module:
-    """The module the step calls: plain :class:`LossModule` on one process, DDP-wrapped under torchrun."""
-    module = LossModule(model, loss_fn)
+def wrap(model: CrossCoder, d: Dist, device: torch.device, loss_fn: Any = compute_loss) -> nn.Module | None:
+    """``None`` on one process (the step calls ``loss_fn`` itself); under torchrun a DDP-wrapped
+    :class:`LossModule`."""
     if not d.enabled:
-        return module
+        return None
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    model.arch.dist = d  # global BatchTopK selection
     ids = [device.index] if device.type == "cuda" else None
-    return DDP(module, device_ids=ids, broadcast_buffers=False)
+    return DDP(LossModule(model, loss_fn), device_ids=ids, broadcast_buffers=False)
 
 
 def global_fired(fired: torch.Tensor, d: Dist) -> torch.Tensor:

@@ -5,9 +5,10 @@ a local batch ``b = batch_size / world_size``:
 
 * parameters, gradients: ``P * 4`` bytes each (float32 master weights, also under bfloat16 autocast);
 * Adam state: ``2 * P * 4``; DDP gradient buckets: ``P * 4`` more when ``world_size > 1``;
-* activations (peak of one step, ``a`` = bytes of the compute dtype): vanilla keeps about
+* activations (peak of one step, ``a`` = bytes of the compute dtype): dense-latent architectures
+  (vanilla, jumprelu) keep about
   ``4 * b * d_latent`` values (pre-activations, latents, their gradients) and ``3 * b * n_models * d_model``
-  (input, reconstruction, error); batchtopk keeps ``2 * b * d_latent`` (pre-activations, scores) plus the
+  (input, reconstruction, error); sparse ones (batchtopk, matryoshka) keep ``2 * b * d_latent`` (pre-activations, scores) plus the
   ``k * b`` selected entries; AuxK adds ``b * d_latent``;
 * a paired cache of N tokens: ``N * n_models * d_model * bytes(dtype) + N * 24`` (the int64 index).
 
@@ -17,6 +18,8 @@ These are estimates (allocator overheads and framework buffers come on top: budg
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+
+from ..model.registry import get_architecture
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -46,7 +49,7 @@ def plan(d_model: int, dict_size: int, batch_size: int, n_models: int = 2, arch:
     b = -(-batch_size // world_size)
     a = BYTES[dtype]
     md = n_models * d_model
-    if arch == "vanilla":
+    if get_architecture(arch).dense_latents:
         act = a * (4 * b * dict_size + 3 * b * md)
     else:
         act = a * (2 * b * dict_size + 3 * b * md) + 16 * k * b

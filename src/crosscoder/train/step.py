@@ -11,8 +11,8 @@ import torch
 
 from ..config import TrainConfig
 from ..distributed import LOCAL, Dist
-from ..model import CrossCoder, compute_loss
-from ..model.workspace import big_kernels, serial_small_ops
+from ..model import CrossCoder, StepInput, compute_loss
+from ..model.selection import big_kernels, serial_small_ops
 from . import ddp
 from .schedules import l1_coeff_at, lr_lambda
 
@@ -30,7 +30,7 @@ class TrainStep:
     device and read by :meth:`read_metrics` (once per log). ``dtype="bfloat16"`` runs the forward under
     autocast with float32 master weights; on CUDA TF32 matmuls are allowed for float32. On CPU with
     several torch threads, only the large kernels (GEMMs, passes over ``[batch, d_latent]``, Adam) run
-    multi-threaded, the many small ones on one thread (:func:`~crosscoder.model.workspace.serial_small_ops`).
+    multi-threaded, the many small ones on one thread (:func:`~crosscoder.model.selection.serial_small_ops`).
     """
 
     def __init__(self, model: CrossCoder, tc: TrainConfig, total_steps: int, device: torch.device,
@@ -45,7 +45,7 @@ class TrainStep:
                                                                              tc.lr_decay_frac))
         self.since_fired = torch.zeros(model.cfg.d_latent, dtype=torch.long, device=device)
         self.loss_fn = torch.compile(compute_loss) if tc.compile else compute_loss
-        self.forward = ddp.wrap(model, self.dist, device, self.loss_fn)  # DDP under torchrun
+        self.ddp = ddp.wrap(model, self.dist, device, self.loss_fn)  # None on one process
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -68,13 +68,17 @@ class TrainStep:
         l1 = l1_coeff_at(step, self.total, tc.l1_coeff, tc.l1_warmup_frac)
         dead = self.since_fired >= self.dead_tokens
         d = self.dist
-        kw = dict(l1_coeff=l1, l2=tc.l2_loss, aux_k=self.aux_k, aux_coeff=tc.aux_coeff, dead=dead)
-        if d.enabled:
-            kw.update(dist_sum=d.all_reduce_sum, world_size=d.world_size)
+        inp = StepInput(sparsity_coeff=l1, l2=tc.l2_loss, aux_k=self.aux_k, aux_coeff=tc.aux_coeff, dead=dead,
+                        progress=step / self.total, dist=d if d.enabled else None)
         with self.autocast():
-            loss, metrics, latents = self.forward(x, kw)
+            if self.ddp is None:
+                out = self.loss_fn(self.model, x, inp)
+            else:  # the same call inside DistributedDataParallel (gradients averaged during backward)
+                out = self.ddp(x, inp)
+        loss, metrics, latents = out.loss, out.metrics, out.latents
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        self.model.constrain_grads()  # the latent layout (dedicated blocks, tied shared decoders)
         with big_kernels():
             gnorm = (torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm) if tc.max_grad_norm > 0
                      else torch.zeros((), device=self.device))

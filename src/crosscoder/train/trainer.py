@@ -30,7 +30,7 @@ from .logging import MetricsLogger
 from .sources import make_source
 from .step import TrainStep
 
-# Training rows scored to set BatchTopK's inference threshold before validation and at the end.
+# Training rows scored to calibrate an inference rule (BatchTopK's threshold) before validation and at the end.
 CALIBRATION_TOKENS = 32_768
 
 
@@ -149,18 +149,21 @@ class _Loop:
 
     # ------------------------------------------------------------------ state
     def _tensors(self) -> dict[str, torch.Tensor]:
-        t = {n: getattr(self.model, n) for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
-        t["threshold"] = self.model.threshold.reshape(1)
+        """The model's state dict (weights, the architecture's parameters and buffers) and the counters."""
+        t = dict(self.model.state_dict())
         t["tokens_since_fired"] = self.since_fired
         return t
 
     def _restore(self, path: Path) -> None:
         ck = load_checkpoint(path)
+        tensors = dict(ck["tensors"])
         with torch.no_grad():
-            for n in ("W_enc", "b_enc", "W_dec", "b_dec"):
-                getattr(self.model, n).copy_(ck["tensors"][n])
-            self.model.threshold.copy_(ck["tensors"]["threshold"].reshape(()))
-            self.since_fired.copy_(ck["tensors"]["tokens_since_fired"])
+            self.since_fired.copy_(tensors.pop("tokens_since_fired"))
+            try:
+                self.model.load_state_dict(tensors)
+            except RuntimeError as e:
+                raise CrossCoderError(f"{path}: checkpoint does not match the model "
+                                      f"({str(e).splitlines()[0]})") from None
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
         set_rng_state(ck["rng"])
@@ -207,7 +210,7 @@ class _Loop:
         n = 0
         for x in self.source.val_batches():
             with self._autocast():
-                out = compute_loss(self.model, x, l1_coeff=l1, l2=self.cfg.train.l2_loss)
+                out = compute_loss(self.model, x, sparsity_coeff=l1, l2=self.cfg.train.l2_loss)
             for k, v in out.metrics.items():
                 if not k.startswith("explained_variance") or k == "explained_variance_legacy":
                     sums[k] = sums.get(k, 0) + v.float() * x.shape[0]
@@ -234,24 +237,26 @@ class _Loop:
         """Validation as the saved model would run it: BatchTopK with a threshold calibrated on the current
         weights. Before the end the training EMA threshold is put back afterwards, so validation never
         changes the training state."""
-        if final or self.model.cfg.arch != "batchtopk":
+        arch = self.model.arch
+        if final or not arch.calibrates:
             return self.validate(l1)
-        ema = self.model.threshold.clone()
+        training_state = {k: v.clone() for k, v in arch.state_dict().items()}
         try:
             self.calibrate()
             return self.validate(l1)
         finally:
-            self.model.threshold.copy_(ema)
+            arch.load_state_dict(training_state)
 
     def calibrate(self) -> None:
-        """BatchTopK: the inference threshold from the current weights on training rows (see
-        :meth:`CrossCoder.calibrate_threshold`); every rank reads the same rows and gets the same value."""
-        if self.model.cfg.arch != "batchtopk":
+        """The architecture's inference rule from the current weights on training rows (BatchTopK: its
+        threshold, see :meth:`~crosscoder.model.architectures.batchtopk.BatchTopK.calibrate`); every rank
+        reads the same rows and gets the same value."""
+        if not self.model.arch.calibrates:
             return
         was_training = self.model.training
         self.model.eval()
         with self._autocast():
-            self.model.calibrate_threshold(self.source.sample_batches(CALIBRATION_TOKENS))
+            self.model.arch.calibrate(self.source.sample_batches(CALIBRATION_TOKENS))
         self.model.train(was_training)
 
     def _autocast(self) -> Any:
@@ -282,11 +287,10 @@ class _Loop:
                     if self.step % tc.log_every == 0 or self.step == self.total:
                         now = time.perf_counter()
                         last = self.train_step.read_metrics()
-                        last.update(l1_coeff=l1 if model.arch.uses_l1 else 0.0, lr=lr,
+                        last.update(l1_coeff=l1 if model.arch.penalty_name else 0.0, lr=lr,
                                     tokens=self.step * tc.batch_size,
                                     tokens_per_s=n_acc * tc.batch_size / max(now - t_last - paused, 1e-9))
-                        if model.cfg.arch == "batchtopk":
-                            last["threshold"] = float(model.threshold)
+                        last.update(model.arch.log_metrics())
                         logger.log(last, self.step)
                         n_acc, t_last, paused = 0, time.perf_counter(), 0.0
                     t0 = time.perf_counter()

@@ -1,0 +1,10 @@
+"""One file per architecture; importing this package registers each (see ``docs/architectures.md``).
+
+Adding an architecture: write ``<name>.py`` here with a subclass of :class:`Architecture` decorated with
+``@register("<name>")``, and add its import below.
+"""
+
+from . import batchtopk, vanilla  # noqa: F401  (registration)
+from .base import Architecture, DistContext, ForwardOut, Latents, StepInput
+
+__all__ = ["Architecture", "DistContext", "ForwardOut", "Latents", "StepInput"]
