@@ -272,3 +272,9 @@ class Architecture(nn.Module):
     def calibrate(self, batches: Iterable[torch.Tensor]) -> int:
         """Set the inference rule from rows ``[n, n_models, d_model]`` (architectures with ``calibrates``)."""
         return 0
+
+    @torch.no_grad()
+    def analysis_metrics(self, batches: Iterable[torch.Tensor]) -> dict[str, float]:
+        """Architecture-specific numbers for ``crosscoder analyze`` over rows ``[n, n_models, d_model]`` in
+        the model's input space, in eval mode (e.g. Matryoshka's explained variance per prefix); ``{}``."""
+        return {}
