@@ -193,14 +193,20 @@ class Architecture(nn.Module):
         """The sparsity term of the dense path (scalar): decoder-weighted L1, ``mean_b sum_i f_bi w_i``."""
         return (f * weight).sum(-1).mean()
 
+    def extra_losses(self, f: torch.Tensor, pre: torch.Tensor, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Further loss terms of the dense path, already weighted (``ForwardOut.losses``); none by default."""
+        return {}
+
     def forward_dense(self, x: torch.Tensor, inp: StepInput) -> ForwardOut:
-        """Reference maths: dense encode, :meth:`activate`, dense decode, :meth:`penalty`, dense AuxK."""
+        """Reference maths: dense encode, :meth:`activate`, dense decode, :meth:`penalty`,
+        :meth:`extra_losses`, dense AuxK."""
         model = self.model
         weight = self.weight()
         pre = model.encode_pre(x)
         f = self.activate(pre, weight, model.training, inp)
         x_hat = model.decode(f)
-        out = ForwardOut(x_hat, self.penalty(f, pre, weight), Latents(tuple(f.shape), dense=f.detach()))
+        out = ForwardOut(x_hat, self.penalty(f, pre, weight), Latents(tuple(f.shape), dense=f.detach()),
+                         losses=self.extra_losses(f, pre, weight))
         if inp.use_aux:
             out.aux_e_hat, out.aux_scale = self.dense_aux(pre, inp)
         return out
