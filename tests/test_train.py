@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from crosscoder import CrossCoder
 from crosscoder.config import CrossCoderConfig, RunConfig, TrainConfig
+from crosscoder.model import architecture_names
 from crosscoder.train import Interrupted, run_training
 from crosscoder.train.checkpoint import list_checkpoints
 from crosscoder.train.schedules import l1_coeff_at, lr_lambda
@@ -44,7 +45,7 @@ def test_schedules_at_chosen_steps():
     assert l1_coeff_at(999, 1000, 2.0, 0.05) == pytest.approx(2.0)
 
 
-@pytest.mark.parametrize("arch", ["vanilla", "batchtopk"])
+@pytest.mark.parametrize("arch", architecture_names())  # every registered architecture
 def test_resume_is_bit_for_bit(tmp_path, arch):
     cfg = small_cfg(arch, aux_k=16, save_every=7)
     full = run_training(cfg, tmp_path / "full")
