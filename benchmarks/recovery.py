@@ -111,6 +111,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
+def uses_k(arch: str) -> bool:
+    """Whether ``arch`` selects ``k`` latents per token (takes ``--k``), from the registry."""
+    from crosscoder.model import get_architecture
+
+    return hasattr(get_architecture(arch), "current_k")
+
+
 def log(msg: str) -> None:
     with _LOCK:
         print(msg, file=sys.stderr, flush=True)
@@ -221,7 +228,7 @@ def run_pair(family: str, seed: int, a: argparse.Namespace, work: Path) -> list[
             "off",
             "--no-progress",
         ]
-        if arch == "batchtopk":
+        if uses_k(arch):  # the BatchTopK family (batchtopk, matryoshka)
             train += ["--k", str(k)]
             rec["k"] = k
         elif a.l1_coeff is not None:

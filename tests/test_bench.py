@@ -10,13 +10,15 @@ from pathlib import Path
 import pytest
 
 from crosscoder.cli import main
+from crosscoder.model import architecture_names
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 FIELDS = ("tokens_per_s", "ms_per_step", "achieved_gflop_s", "peak_gflop_s", "frac_of_peak", "peak_mem_mb",
           "gflop_per_step")
 
 
-@pytest.mark.parametrize("arch,extra", [("vanilla", []), ("batchtopk", ["--dead-frac", "0.25", "--aux-k", "8"])])
+@pytest.mark.parametrize("arch", architecture_names())  # every registered architecture
+@pytest.mark.parametrize("extra", [[], ["--dead-frac", "0.25", "--aux-k", "8"]])
 def test_bench_cli_prints_json(capsys, arch, extra) -> None:
     rc = main(["bench", "--arch", arch, "--d-model", "16", "--dict-size", "128", "--batch-size", "32", "--k", "4",
                "--steps", "2", "--warmup", "1", "--threads", "1", *extra])

@@ -99,8 +99,10 @@ def render_model_card(config: dict[str, Any], *, repo_id: str | None = None, has
     rows = [("architecture", arch), ("n_models", n_models), ("d_model", config.get("d_model")),
             ("d_latent", config.get("d_latent"))]
     cls = ARCHITECTURES.get(arch)
-    if cls is not None and cls.Options is not None:  # the architecture's own fields
-        for f in dataclasses.fields(cls.Options):
+    options = [] if cls is None else list(dict.fromkeys(c.Options for c in reversed(cls.__mro__)
+                                                         if getattr(c, "Options", None) is not None))
+    for opts in options:  # the architecture's own fields (and those it inherits, e.g. matryoshka's k)
+        for f in dataclasses.fields(opts):
             if config.get(f.name) is not None:
                 what = f.metadata.get("help", "").split(": ", 1)[-1].split(" (")[0]
                 rows.append((f"{f.name} ({what})", config[f.name]))

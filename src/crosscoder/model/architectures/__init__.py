@@ -7,6 +7,7 @@ Adding an architecture: write ``<name>.py`` here with a subclass of :class:`Arch
 from . import (  # noqa: F401  (registration)
     batchtopk,
     jumprelu,
+    matryoshka,
     vanilla,
 )
 from .base import Architecture, DistContext, ForwardOut, Latents, StepInput
