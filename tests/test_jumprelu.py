@@ -44,7 +44,7 @@ def test_forward_and_step_penalty_by_hand() -> None:
     l0 = (3 + 1) / 2
     assert float(out.metrics["l2_loss"]) == pytest.approx(l2, rel=1e-6)
     assert float(out.metrics["sparsity_loss"]) == pytest.approx(l0)
-    assert float(out.loss) == pytest.approx(l2 + 0.5 * l0, rel=1e-6)
+    assert float(out.loss.detach()) == pytest.approx(l2 + 0.5 * l0, rel=1e-6)
     assert float(out.metrics["l0_loss"]) == pytest.approx(l0)
 
 

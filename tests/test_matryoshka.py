@@ -356,3 +356,23 @@ def test_first_prefix_learns(tmp_path):
         x16 = (btk.b_dec.reshape(1, -1) + f[:, :16] @ btk.W_dec[:16].reshape(16, -1)).view_as(x)
         ev_btk16 = 1 - float((x - x16).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
     assert ev["ev_prefix_16"] > 3 * max(ev_btk16, 0.01), (ev, ev_btk16)
+
+
+def test_analyze_reports_explained_variance_per_prefix(tmp_path) -> None:
+    """`crosscoder analyze` asks the architecture for its own numbers: Matryoshka's explained variance per
+    prefix, pooled over the scanned rows; nested prefixes explain nested amounts, the last one all of it."""
+    from crosscoder.cli import main
+
+    cfg = RunConfig(model=CrossCoderConfig(arch="matryoshka", d_latent=128, k=4, prefixes="16,64"),
+                    train=TrainConfig(num_tokens=150_000, batch_size=512, val_tokens=2048, val_every=0,
+                                      log_every=50, save_every=0, wandb="off", progress=False, lr=3e-3))
+    run_training(cfg, tmp_path / "run")
+    assert main(["analyze", str(tmp_path / "run"), "--out", str(tmp_path / "rep"), "--max-tokens", "20000",
+                 "--no-spliced"]) == 0
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    ev = summary["architecture_metrics"]
+    assert list(ev) == ["ev_prefix_16", "ev_prefix_64", "ev_prefix_128"]
+    assert 0.0 < ev["ev_prefix_16"] < ev["ev_prefix_64"] < ev["ev_prefix_128"]
+    # the full prefix is the model's reconstruction: the scan's pooled explained variance on the same data
+    assert ev["ev_prefix_128"] == pytest.approx(summary["reconstruction"]["explained_variance"], abs=0.01)
+    assert "ev_prefix_16" in (tmp_path / "rep" / "report.html").read_text()

@@ -41,8 +41,9 @@ class _ModelFields:
     dec_init_norm: float = _f(1.0, "initial L2 norm of every per-model decoder vector, in the normalised "
                               "space (0.08: Kissane's replication)")
     shared_latents: int = _f(0, "designated shared latents: decoder vector tied across models (any architecture)")
-    shared_sparsity_coeff: float = _f(0.1, "sparsity factor of the designated shared latents relative to the "
-                                      "others (penalties multiplied, selection scores divided by it)")
+    shared_sparsity_coeff: float | None = _f(None, "sparsity factor of the designated shared latents relative to "
+                                             "the others: penalties multiplied, selection scores divided by it "
+                                             "(default: 0.1 for vanilla/jumprelu, 1.0 for batchtopk/matryoshka)")
     dedicated_base: int = _f(0, "dedicated partition: the first N latents read and write the base model only")
     dedicated_ft: int = _f(0, "dedicated partition: the next N latents read and write the fine-tuned model only")
     n_models: int = _f(2, "number of models (inferred from data)", cli=False)
@@ -81,7 +82,7 @@ class CrossCoderConfig(*_option_classes(), _ModelFields):
                               f"({self.d_latent})")
         if self.dedicated_base + self.dedicated_ft and self.n_models < 2:
             raise ConfigError("dedicated_base/dedicated_ft: need at least two models")
-        if not self.shared_sparsity_coeff > 0:
+        if self.shared_sparsity_coeff is not None and not self.shared_sparsity_coeff > 0:
             raise ConfigError(f"shared_sparsity_coeff: must be positive, got {self.shared_sparsity_coeff}")
         if self.norm_scale is not None and len(self.norm_scale) != self.n_models:
             raise ConfigError(f"norm_scale: expected {self.n_models} factors, got {len(self.norm_scale)}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .compare import compare_runs, match_latents
 from .recovery import classification_scores, format_recovery, planted_cosines, recovery
 from .scaling import LatentScalingResult, ScalingAccumulator, latent_scaling
 from .table import (
@@ -26,6 +27,7 @@ from .table import (
     classify,
     decoder_metrics,
     latent_columns,
+    layout_summary,
     thresholds_for,
 )
 
@@ -67,5 +69,5 @@ def latent_table(model: Any, data: Any = None, *, thresholds: Thresholds | None 
 
 
 __all__ = ["CLASS_NAMES", "LatentScalingResult", "ScalingAccumulator", "Thresholds",
-           "class_counts", "classification_scores", "classify", "decoder_metrics", "format_recovery",
-           "latent_columns", "latent_scaling", "latent_table", "planted_cosines", "recovery", "thresholds_for"]
+           "class_counts", "classification_scores", "classify", "compare_runs", "decoder_metrics", "format_recovery",
+           "latent_columns", "latent_scaling", "latent_table", "layout_summary", "match_latents", "planted_cosines", "recovery", "thresholds_for"]

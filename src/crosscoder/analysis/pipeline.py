@@ -4,6 +4,11 @@
 Scaling along both decoders, top activations, explained variance), builds the latent table and its
 classes, reads the top contexts, runs the spliced-in evaluation when the two models are known, draws
 the figures, and writes ``REPORT_DIR/{latents.parquet, latents.csv, summary.json, report.html, *.png}``.
+
+A crosscoder with a latent layout (dedicated partitions, designated shared latents) gets the ``kind``
+column, classes by construction for its constrained latents and a ``layout`` section (see
+:mod:`crosscoder.analysis.table`); ``compare_to`` adds the comparison with another crosscoder trained on
+the same data (:mod:`crosscoder.analysis.compare`).
 """
 
 from __future__ import annotations
@@ -62,6 +67,12 @@ class AnalyzeConfig:
     threads: int = 1
     seed: int = 0
     overwrite: bool = False
+    compare_to: str | None = None  # another crosscoder folder (same data): partition x class table
+    compare_threshold: float = 0.9
+
+
+# Rows the architecture's own analysis metrics (Architecture.analysis_metrics) are computed on.
+ARCH_METRIC_ROWS = 65_536
 
 
 def _say_default(msg: str) -> None:
@@ -164,9 +175,9 @@ def analyze(cfg: AnalyzeConfig, say: Any = _say_default) -> dict[str, Any]:
     from .recovery import classification_scores, format_scores, planted_cosines
     from .report import render_report
     from .scaling import ScalingAccumulator, check_mode
-    from .scan import ActivationStats, ReconstructionStats, normalised_model, scan, select_rows
+    from .scan import ActivationStats, ReconstructionStats, iter_chunks, normalised_model, scan, select_rows
     from .spliced import format_spliced
-    from .table import class_counts, latent_columns, thresholds_for, write_table
+    from .table import class_counts, latent_columns, layout_summary, thresholds_for, write_table
 
     t0 = time.perf_counter()
     torch.set_num_threads(cfg.threads)
@@ -176,6 +187,14 @@ def analyze(cfg: AnalyzeConfig, say: Any = _say_default) -> dict[str, Any]:
     model, run_cfg = load_run(cfg.run_dir)
     if model.cfg.n_models != 2:
         raise CrossCoderError(f"{cfg.run_dir}: model diffing needs a two-model crosscoder")
+    other = None
+    if cfg.compare_to:  # loaded first: a bad folder fails before the scan
+        if not 0.0 < cfg.compare_threshold <= 1.0:
+            raise CrossCoderError(f"--compare-threshold: must be in (0, 1], got {cfg.compare_threshold}")
+        other, _ = load_run(cfg.compare_to)
+        if (other.cfg.n_models, other.cfg.d_model) != (model.cfg.n_models, model.cfg.d_model):
+            raise CrossCoderError(f"--compare-to {cfg.compare_to}: {other.cfg.n_models} models of width "
+                                  f"{other.cfg.d_model}, the run has {model.cfg.n_models} of width {model.cfg.d_model}")
     cache, recorded = resolve_cache(cfg, run_cfg)
     say(f"data: {cache.path} ({cache.n_rows:,} rows{', recorded by the run' if recorded else ''})")
     t = thresholds_for(model.cfg.arch, exclusive_band=cfg.exclusive_band, shared_band=cfg.shared_band,
@@ -190,17 +209,40 @@ def analyze(cfg: AnalyzeConfig, say: Any = _say_default) -> dict[str, Any]:
     stats, recon = ActivationStats(h, dev), ReconstructionStats(2)
     scaling = ScalingAccumulator(norm, mode=cfg.latent_scaling_target)
     top = TopActivations(h, cfg.top_k, dev)
-    say(f"scanning {len(rows):,} tokens (eval mode{', BatchTopK threshold' if model.cfg.arch == 'batchtopk' else ''})")
+    say(f"scanning {len(rows):,} tokens (eval mode{', calibrated inference threshold' if model.arch.calibrates else ''})")
     scan(norm, cache, rows, [stats, recon, scaling, top], model.normalization(), cfg.chunk)
+    # the architecture's own numbers (Matryoshka: explained variance per prefix), on at most 65,536 of the rows
+    arch_rows = rows[:: max(1, len(rows) // ARCH_METRIC_ROWS)][:ARCH_METRIC_ROWS]
+    arch_metrics = norm.arch.analysis_metrics(x for _, x in iter_chunks(cache, arch_rows, model.normalization(),
+                                                                        cfg.chunk, dev))
+    if arch_metrics:
+        say("  " + ", ".join(f"{k} {v:.4f}" for k, v in arch_metrics.items()) + f" ({len(arch_rows):,} tokens)")
     cols = latent_columns(norm, t, stats.result(), scaling.result("ft"), scaling.result("base"))
+    layout = model.layout
+    n_free = int((cols["kind"] == "free").sum())
     summary: dict[str, Any] = {
         "run_dir": str(cfg.run_dir), "arch": model.cfg.arch, "d_latent": h, "d_model": model.cfg.d_model,
         "models": model.cfg.model_names, "site": model.cfg.site or cache.meta.get("site"), "data": str(cache.path),
         "tokens_scanned": int(len(rows)), "norm_scale": scale, "space": SPACE_NOTE,
         "thresholds": dataclasses.asdict(t), "latent_scaling_target": cfg.latent_scaling_target,
         "reconstruction": recon.result(), "classes": class_counts(cols),
+        "classes_scope": (f"free latents only ({n_free} of {h}): relative-norm classes and Latent Scaling "
+                          "thresholds; designated shared and dedicated latents are classed by construction "
+                          "(see layout)" if layout.constrained else f"all {h} latents"),
         "dead": int(cols["dead"].sum()),
+        "architecture_metrics": arch_metrics,
+        "layout": layout_summary(cols, layout, layout.violations(model.W_enc, model.W_dec, model.norm_scale)),
     }
+    if layout.constrained:
+        say(format_layout(summary["layout"]))
+    if other is not None:
+        from .compare import compare_runs, format_comparison
+
+        t_other = thresholds_for(other.cfg.arch, exclusive_band=cfg.exclusive_band, shared_band=cfg.shared_band)
+        summary["comparison"], match_cols = compare_runs(model, other, cols["kind"], t_other, cfg.compare_threshold,
+                                                         cfg.run_dir, cfg.compare_to)
+        cols.update(match_cols)
+        say(format_comparison(summary["comparison"]))
     gt_text = None
     gt_path = find_ground_truth(cfg, cache)
     if gt_path is not None:
@@ -254,9 +296,13 @@ def analyze(cfg: AnalyzeConfig, say: Any = _say_default) -> dict[str, Any]:
                                         "tokens_scanned", "dead", "latent_scaling_target")}
         info.update({f"explained variance ({k[len('explained_variance_'):] or 'both'})": v
                      for k, v in summary["reconstruction"].items()})
+        info.update(arch_metrics)
+        notes = [_class_note(t)] + ([_layout_note(n_free, h)] if layout.constrained else [])
         render_report(tmp / "report.html", title=f"Crosscoder diff: {Path(cfg.run_dir).name}", info=info,
                       counts=summary["classes"], cols=cols, figures=figs, contexts=contexts, spliced=spliced,
-                      ground_truth=gt_text, thresholds=summary["thresholds"], notes=[_class_note(t)])
+                      ground_truth=gt_text, thresholds=summary["thresholds"], notes=notes,
+                      layout=summary["layout"] if layout.constrained else None,
+                      comparison=summary.get("comparison"))
         write_json(tmp / "summary.json", _json_safe(summary))
     _usual_permissions(out)
     say(f"report: {out / 'report.html'} ({summary['seconds']}s)")
@@ -279,6 +325,32 @@ def _class_note(t: Any) -> str:
             f"|r - 0.5| <= {t.shared_band} -> shared, else other. Norm-exclusive latents keep the call only if they "
             f"fired on >= {t.min_active} scanned tokens and Latent Scaling gives |nu_error| <= {t.nu_error_max} and "
             f"|nu_reconstruction| <= {t.nu_reconstruction_max} (nu = other model's beta / own model's beta).")
+
+
+def _layout_note(n_free: int, h: int) -> str:
+    return (f"Latent layout: the class counts above cover the {n_free} free latents of {h}. Designated shared "
+            "latents (decoder tied across models) are class shared by construction, dedicated latents class "
+            "base_only / ft_only by construction (column kind); Latent Scaling still checks the dedicated "
+            "partitions with the same thresholds (columns layout_check, layout_nu_error, layout_nu_reconstruction: "
+            "nu along the latent's own model's decoder).")
+
+
+def format_layout(lay: dict[str, Any]) -> str:
+    """Lines for the terminal: partition sizes and checks (:func:`~crosscoder.analysis.table.layout_summary`)."""
+    p = lay["partitions"]
+    lines = [f"latent layout: base_only {p['base_only']['n']}, ft_only {p['ft_only']['n']}, designated_shared "
+             f"{p['designated_shared']['n']} (sparsity factor {lay['shared_sparsity_coeff']:g}), free {p['free']['n']}"]
+    for k in ("base_only", "ft_only"):
+        r = p[k]
+        if r["n"] and "ok" in r:
+            lines.append(f"  {k}: partition holds for {r['ok']} of {r['n']} by Latent Scaling (median |nu_error| "
+                         f"{r['nu_error_median_abs']:.3g}, |nu_reconstruction| {r['nu_reconstruction_median_abs']:.3g}; "
+                         f"dead {r['dead']}, too rare {r['too_rare']})")
+    v = lay.get("violations")
+    if v:
+        lines.append(f"  saved weights: forbidden blocks max |w| enc {v['forbidden_enc']:.3g} dec {v['forbidden_dec']:.3g}; "
+                     f"tied decoders max difference {v['tied_dec']:.3g} (normalised space)")
+    return "\n".join(lines)
 
 
 def _json_safe(v: Any) -> Any:

@@ -1,5 +1,8 @@
 """Report figures (matplotlib, Agg backend, PNG). Each function takes the latent table columns
-(:func:`crosscoder.analysis.table.latent_columns`) and writes one file, returning its path."""
+(:func:`crosscoder.analysis.table.latent_columns`) and writes one file, returning its path.
+
+With a latent layout the class figures show the ``free`` latents (the ones classed by relative norm);
+the Δnorm / nu scatter also marks the dedicated fine-tuned latents (their partition check)."""
 
 from __future__ import annotations
 
@@ -33,11 +36,21 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def _free(cols: dict[str, np.ndarray]) -> np.ndarray:
+    """``[d_latent]`` bool: latents classed by relative norm (all of them without a layout)."""
+    return cols["kind"] == "free" if "kind" in cols else np.ones(len(cols["latent"]), bool)
+
+
+def _scope(cols: dict[str, np.ndarray]) -> str:
+    n = int((~_free(cols)).sum())
+    return f"; free latents, {n} constrained not shown" if n else ""
+
+
 def relative_norms(cols: dict[str, np.ndarray], path: Path, t: Thresholds, title: str = "") -> Path:
     """Histogram of the relative decoder norm of live latents, stacked by final class (the trimodal
     picture: base-only near 0, shared near 0.5, fine-tuned-only near 1)."""
     plt = _plt()
-    alive = ~cols["dead"]
+    alive = ~cols["dead"] & _free(cols)
     r = cols["relative_norm"][alive]
     cls = cols["class"][alive]
     fig, ax = plt.subplots(figsize=(7, 3.6))
@@ -48,7 +61,7 @@ def relative_norms(cols: dict[str, np.ndarray], path: Path, t: Thresholds, title
         ax.axvline(v, color="k", lw=0.8, ls="--")
     ax.set_xlabel("relative decoder norm  r = |d_ft| / (|d_base| + |d_ft|)   (normalised space)")
     ax.set_ylabel("latents")
-    ax.set_title(title or f"Relative decoder norms ({int(alive.sum())} live latents)")
+    ax.set_title(title or f"Relative decoder norms ({int(alive.sum())} live latents{_scope(cols)})")
     ax.legend(fontsize=8, title="final class", title_fontsize=8)
     return _save(fig, path)
 
@@ -56,14 +69,14 @@ def relative_norms(cols: dict[str, np.ndarray], path: Path, t: Thresholds, title
 def cosine_shared(cols: dict[str, np.ndarray], path: Path) -> Path:
     """Histogram of the cosine similarity of the base and fine-tuned decoders of shared latents."""
     plt = _plt()
-    m = (cols["class"] == "shared") & ~cols["dead"]
+    m = (cols["class"] == "shared") & ~cols["dead"] & _free(cols)
     fig, ax = plt.subplots(figsize=(6, 3.2))
     c = cols["cos_sim"][m]
     lo = max(-1.0, float(np.floor((c.min() if len(c) else -1.0) * 20) / 20 - 0.05))
     ax.hist(c, bins=np.linspace(lo, 1, 61), color=COLORS["shared"])
     ax.set_xlabel("cos(d_base, d_ft)")
     ax.set_ylabel("latents")
-    ax.set_title(f"Decoder cosine similarity of shared latents ({int(m.sum())})")
+    ax.set_title(f"Decoder cosine similarity of shared latents ({int(m.sum())}{_scope(cols)})")
     return _save(fig, path)
 
 
@@ -73,7 +86,9 @@ def delta_vs_nu(cols: dict[str, np.ndarray], path: Path, t: Thresholds) -> Path:
     latents demoted by Latent Scaling are drawn as crosses."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    alive = ~cols["dead"] & (cols["delta_norm"] >= 0.5)
+    leaning = ~cols["dead"] & (cols["delta_norm"] >= 0.5)
+    alive = leaning & _free(cols)
+    dedicated = leaning & (cols["kind"] == "ft_only") if "kind" in cols else np.zeros_like(alive)
     for ax, key, lim in ((axes[0], "beta_ratio_error", t.nu_error_max),
                          (axes[1], "beta_ratio_reconstruction", t.nu_reconstruction_max)):
         nu = np.clip(cols[key], -0.5, 1.5)
@@ -82,6 +97,9 @@ def delta_vs_nu(cols: dict[str, np.ndarray], path: Path, t: Thresholds) -> Path:
             ax.scatter(nu[m], cols["delta_norm"][m], s=6, c=COLORS[c], label=c, alpha=0.7)
         m = alive & np.isin(cols["flag"], ("complete_shrinkage", "latent_decoupling", "scaling_undefined")) & np.isfinite(nu)
         ax.scatter(nu[m], cols["delta_norm"][m], s=14, c="#ff7f0e", marker="x", label="demoted by Latent Scaling")
+        m = dedicated & np.isfinite(nu)
+        if m.any():
+            ax.scatter(nu[m], cols["delta_norm"][m], s=16, c="k", marker="D", label="dedicated ft_only (partition check)")
         ax.axvline(lim, color="k", lw=0.8, ls="--")
         ax.set_xlabel(f"nu_{key.split('_')[-1]} = beta_base / beta_ft  (clipped to [-0.5, 1.5])")
         ax.set_xlim(-0.55, 1.55)

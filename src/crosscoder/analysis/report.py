@@ -1,8 +1,9 @@
 """``report.html``: one self-contained page (inline CSS, JS, PNGs as data URIs, data as embedded JSON;
 nothing is fetched from the network).
 
-Sections: summary (class counts by norm alone and after Latent Scaling, reconstruction, spliced-in
-evaluation, ground truth when known), the figures, a sortable and filterable latent table, and a card
+Sections: summary (class counts by norm alone and after Latent Scaling, the latent layout and its
+partition checks when the crosscoder has one, the comparison with another crosscoder when asked,
+reconstruction, spliced-in evaluation, ground truth when known), the figures, a sortable and filterable latent table, and a card
 per latent (decoder metrics, Latent Scaling, top activating contexts with the activating token
 marked), shown when a row is clicked; the cards of the first rows of the current view are listed
 below the table. Script errors are written into ``#js-errors`` (browser tests read the DOM).
@@ -19,9 +20,12 @@ from typing import Any
 
 import numpy as np
 
-TABLE_COLUMNS = ("latent", "class", "norm_class", "flag", "relative_norm", "delta_norm", "cos_sim", "dec_norm_base",
-                 "dec_norm_ft", "freq", "mean_act", "beta_ratio_error", "beta_ratio_reconstruction",
-                 "beta_ratio_error_mirror", "beta_ratio_reconstruction_mirror", "dead", "planted_class", "planted_cos")
+TABLE_COLUMNS = ("latent", "class", "norm_class", "flag", "kind", "layout_check", "relative_norm", "delta_norm",
+                 "cos_sim", "dec_norm_base", "dec_norm_ft", "freq", "mean_act", "beta_ratio_error",
+                 "beta_ratio_reconstruction", "beta_ratio_error_mirror", "beta_ratio_reconstruction_mirror",
+                 "layout_nu_error", "layout_nu_reconstruction", "dead", "planted_class", "planted_cos",
+                 "match_latent", "match_cos", "match_class")
+LAYOUT_COLUMNS = ("kind", "layout_check", "layout_nu_error", "layout_nu_reconstruction")
 
 
 def _clean(v: Any) -> Any:
@@ -44,7 +48,8 @@ def _clean(v: Any) -> Any:
 
 def table_rows(cols: dict[str, np.ndarray]) -> dict[str, Any]:
     """Column-major table data for the page: ``{"columns": [...], "rows": [[...], ...]}``."""
-    names = [c for c in TABLE_COLUMNS if c in cols]
+    free_only = "kind" in cols and bool(np.all(cols["kind"] == "free"))  # no layout: no layout columns shown
+    names = [c for c in TABLE_COLUMNS if c in cols and not (free_only and c in LAYOUT_COLUMNS)]
     rows = [[_clean(cols[c][i].item() if hasattr(cols[c][i], "item") else cols[c][i]) for c in names]
             for i in range(len(cols["latent"]))]
     return {"columns": names, "rows": rows}
@@ -80,6 +85,62 @@ def _counts_table(counts: dict[str, dict[str, int]]) -> str:
     return f"<table class='kv'>{head}{body}</table>"
 
 
+def _layout_table(lay: dict[str, Any]) -> str:
+    """Partition sizes, live latents and the dedicated partitions' Latent Scaling check."""
+    checks = ("ok", "complete_shrinkage", "latent_decoupling", "scaling_undefined", "too_rare", "dead")
+    head = ("<tr><th>partition (kind)</th><th>latents</th><th>range</th><th>class by construction</th><th>live</th>"
+            + "".join(f"<th>check: {c}</th>" for c in checks)
+            + "<th>median |nu_error|</th><th>median |nu_reconstruction|</th></tr>")
+    by_cons = {"base_only": "base_only", "ft_only": "ft_only", "designated_shared": "shared",
+               "free": "relative norm + Latent Scaling"}
+    body = ""
+    for k, r in lay["partitions"].items():
+        lo, hi = lay["ranges"][k]
+        cells = [r["n"], f"{lo}-{hi - 1}" if hi > lo else "", by_cons[k], r.get("live", "")]
+        cells += [r.get(c, "") for c in checks]
+        cells += [_fmt(r[key]) if key in r else "" for key in ("nu_error_median_abs", "nu_reconstruction_median_abs")]
+        body += f"<tr><th class='k-{k}'>{k}</th>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in cells) + "</tr>"
+    extra = ""
+    ds = lay["partitions"].get("designated_shared", {})
+    if ds.get("n"):
+        extra += (f"<p class='note'>Designated shared latents: sparsity factor {lay['shared_sparsity_coeff']:g} relative "
+                  f"to the others; largest |r - 0.5| {_fmt(ds.get('max_abs_relative_norm_minus_half'))}, smallest decoder "
+                  f"cosine {_fmt(ds.get('min_cos_sim'))}, median nu_error {_fmt(ds.get('nu_error_median'))} "
+                  "(base beta / fine-tuned beta: ~1 when both models use the vector).</p>")
+    v = lay.get("violations")
+    if v:
+        extra += (f"<p class='note'>Saved weights: largest |entry| of a forbidden block: encoder {_fmt(v['forbidden_enc'])}, "
+                  f"decoder {_fmt(v['forbidden_dec'])}; largest difference between the copies of a tied decoder vector "
+                  f"in the normalised space {_fmt(v['tied_dec'])} (0 by construction).</p>")
+    return f"<table class='kv' id='layout-table'>{head}{body}</table>{extra}"
+
+
+def _comparison_table(cmp: dict[str, Any]) -> str:
+    """Partition x relative-norm class of the best matches in the other crosscoder, and the reverse."""
+    classes = ("base_only", "shared", "ft_only", "other")
+    head = ("<tr><th>partition of this run</th><th>latents</th><th>matched</th><th>unmatched</th>"
+            + "".join(f"<th>match is {c}</th>" for c in classes) + "<th>median best cosine</th></tr>")
+    body = ""
+    for p, r in cmp["table"].items():
+        cells = [r["n"], r["matched"], r["unmatched"]] + [r[c] for c in classes] + [_fmt(r["median_best_cos"])]
+        body += f"<tr><th class='k-{p}'>{p}</th>" + "".join(f"<td>{v}</td>" for v in cells) + "</tr>"
+    parts = sorted({k for r in cmp["reverse"].values() for k in r if k not in ("n", "matched")},
+                   key=lambda k: ("base_only", "ft_only", "designated_shared", "free").index(k))
+    rhead = ("<tr><th>class in the other run</th><th>latents</th><th>matched here</th>"
+             + "".join(f"<th>in {k}</th>" for k in parts) + "</tr>")
+    rbody = "".join(f"<tr><th class='c-{c}'>{c}</th><td>{r['n']}</td><td>{r['matched']}</td>"
+                    + "".join(f"<td>{r.get(k, '')}</td>" for k in parts) + "</tr>" for c, r in cmp["reverse"].items())
+    same = {True: "yes (same data fingerprints)", False: "NO: the runs record different data",
+            None: "unknown (no fingerprints recorded)"}[cmp.get("same_data")]
+    return (f"<p class='note'>Other run: {html.escape(str(cmp['other_run']))} ({html.escape(cmp['other_arch'])}, "
+            f"{cmp['other_d_latent']} latents); same data: {same}. Similarity: {html.escape(cmp['similarity'])}; a "
+            f"latent matches when its best similarity is &ge; {cmp['threshold']:g}. Class of the match: "
+            f"{html.escape(cmp['other_class_rule'])}.</p>"
+            f"<table class='kv' id='comparison-table'>{head}{body}</table>"
+            f"<p class='note'>Reverse: the other run's latents by class, with a match in this run (same similarity, "
+            f"same threshold) and the partition of that match.</p><table class='kv' id='comparison-reverse'>{rhead}{rbody}</table>")
+
+
 def _spliced_table(sp: dict[str, Any]) -> str:
     keys = ("ce_clean", "ce_spliced", "ce_zero", "frac_recovered", "kl_spliced", "kl_zero")
     head = "<tr><th>model</th>" + "".join(f"<th>{k}</th>" for k in keys) + "</tr>"
@@ -113,6 +174,7 @@ h1{font-size:22px}h2{font-size:18px;border-bottom:1px solid #ddd;padding-bottom:
 #latents{border-collapse:collapse;font-size:12px;width:100%}#latents th{position:sticky;top:0;background:#f4f4f4;cursor:pointer;user-select:none}
 #latents th,#latents td{border:1px solid #e2e2e2;padding:2px 6px;text-align:right;white-space:nowrap}
 #latents tr:hover td{background:#fffbe6}#latents tr.sel td{background:#ffe9a8}
+.k-base_only{color:#1f77b4}.k-ft_only{color:#d62728}.k-designated_shared{color:#2ca02c}
 .c-base_only{color:#1f77b4;font-weight:600}.c-ft_only{color:#d62728;font-weight:600}.c-shared{color:#2ca02c}.c-other{color:#888}
 .card{border:1px solid #ccc;border-radius:6px;padding:8px 12px;margin:8px 0;font-size:13px}
 .ctx{font-family:ui-monospace,Menlo,Consolas,monospace;white-space:pre-wrap;margin:3px 0;padding:2px 4px;background:#fafafa;font-size:12px}
@@ -129,10 +191,11 @@ const fmt=v=>v===null||v===undefined?'':(typeof v==='number'&&!Number.isInteger(
 function esc(s){return String(s).replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));}
 function head(){const tr=document.getElementById('thead');tr.innerHTML='';cols.forEach((c,i)=>{const th=document.createElement('th');
  th.textContent=c+(i===sortCol?(sortDir>0?' \u25b2':' \u25bc'):'');th.onclick=()=>{sortDir=(i===sortCol)?-sortDir:-1;sortCol=i;render();};tr.appendChild(th);});}
-function filtered(){const cls=document.getElementById('f-class').value, nc=document.getElementById('f-norm').value,
+function filtered(){const ke=document.getElementById('f-kind'), kd=ke?ke.value:'';
+ const cls=document.getElementById('f-class').value, nc=document.getElementById('f-norm').value,
  fl=document.getElementById('f-flag').value, mf=parseFloat(document.getElementById('f-freq').value)||0,
  q=document.getElementById('f-latent').value.trim(), alive=document.getElementById('f-alive').checked;
- return rows.filter(r=>(!cls||r[ci['class']]===cls)&&(!nc||r[ci['norm_class']]===nc)&&(!fl||(fl==='any'?r[ci['flag']]!=='':r[ci['flag']]===fl))
+ return rows.filter(r=>(!cls||r[ci['class']]===cls)&&(!nc||r[ci['norm_class']]===nc)&&(!kd||r[ci['kind']]===kd)&&(!fl||(fl==='any'?r[ci['flag']]!=='':r[ci['flag']]===fl))
   &&((r[ci['freq']]||0)>=mf)&&(!alive||!r[ci['dead']])&&(!q||String(r[ci['latent']]).startsWith(q)));}
 function render(){head();view=filtered();view.sort((a,b)=>{const x=a[sortCol],y=b[sortCol];if(x===y)return 0;if(x===null)return 1;if(y===null)return -1;return (x<y?-1:1)*sortDir;});
  const limit=parseInt(document.getElementById('f-limit').value)||200, tb=document.getElementById('tbody');
@@ -147,14 +210,14 @@ function ctxHtml(c){const mx=Math.max(1e-9,...c.acts);return c.tokens.map((t,i)=
  return '<span class="tok'+(i===c.mark?' mark':'')+'" title="act '+fmt(c.acts[i])+'" style="background:rgba(255,140,0,'+a.toFixed(2)+')">'+esc(t).replace(/\n/g,'\u21b5')+'</span>';}).join('');}
 function card(l){const r=rows.find(x=>x[ci['latent']]===l);if(!r)return '';const ctx=(D.contexts||{})[l];
  let h='<div class="card"><b>latent '+l+'</b> &mdash; <span class="c-'+r[ci['class']]+'">'+r[ci['class']]+'</span>'+(r[ci['flag']]?' (flag: '+r[ci['flag']]+')':'')+
- '<div class="meta">'+['relative_norm','delta_norm','cos_sim','dec_norm_base','dec_norm_ft','freq','mean_act','beta_ratio_error','beta_ratio_reconstruction','planted_class','planted_cos']
+ '<div class="meta">'+['kind','relative_norm','delta_norm','cos_sim','dec_norm_base','dec_norm_ft','freq','mean_act','beta_ratio_error','beta_ratio_reconstruction','layout_check','layout_nu_error','layout_nu_reconstruction','planted_class','planted_cos','match_latent','match_cos','match_class']
  .filter(c=>c in ci).map(c=>c+' '+esc(fmt(r[ci[c]]))).join(' &middot; ')+'</div>';
  if(ctx===undefined)h+='<div class="meta">no contexts stored for this latent (see max_cards)</div>';
  else if(!ctx.length)h+='<div class="meta">never fired on the scanned tokens</div>';
  else h+=ctx.map(c=>'<div class="ctx">'+ctxHtml(c)+'</div><div class="meta">act '+fmt(c.act)+' &middot; row '+c.row+' seq '+c.seq+' pos '+c.pos+
   ' &middot; projection on the latent direction: base '+fmt(c.proj_base)+', fine-tuned '+fmt(c.proj_ft)+'</div>').join('');
  return h+'</div>';}
-['f-class','f-norm','f-flag','f-freq','f-latent','f-alive','f-limit','f-cards'].forEach(id=>{const e=document.getElementById(id);e.oninput=render;e.onchange=render;});
+['f-class','f-norm','f-kind','f-flag','f-freq','f-latent','f-alive','f-limit','f-cards'].forEach(id=>{const e=document.getElementById(id);if(e){e.oninput=render;e.onchange=render;}});
 render();
 if(location.hash==='#table'){document.body.classList.add('table-view');const f=document.querySelector('#tbody tr');if(f)f.click();}
 document.getElementById('status').textContent='ready';
@@ -165,8 +228,10 @@ document.getElementById('status').textContent='ready';
 def render_report(path: Path, *, title: str, info: dict[str, Any], counts: dict[str, dict[str, int]],
                   cols: dict[str, np.ndarray], figures: dict[str, Path], contexts: dict[int, list[dict[str, Any]]],
                   spliced: dict[str, Any] | None = None, ground_truth: str | None = None,
-                  thresholds: dict[str, Any] | None = None, notes: list[str] | None = None) -> Path:
-    """Write the page to ``path`` (atomically)."""
+                  thresholds: dict[str, Any] | None = None, notes: list[str] | None = None,
+                  layout: dict[str, Any] | None = None, comparison: dict[str, Any] | None = None) -> Path:
+    """Write the page to ``path`` (atomically). ``layout``: :func:`~crosscoder.analysis.table.layout_summary`
+    (a constrained crosscoder); ``comparison``: :func:`~crosscoder.analysis.compare.compare_runs`' summary."""
     from ..io import atomic_path
 
     data = {"table": table_rows(cols), "contexts": {str(k): v for k, v in contexts.items()}}
@@ -181,8 +246,12 @@ def render_report(path: Path, *, title: str, info: dict[str, Any], counts: dict[
         "<div class='overview'><h2>Summary</h2>", _kv_table(info),
         "<p class='note'>Decoder norms, relative norms, Δnorm and Latent Scaling are computed in the crosscoder's "
         "normalised training space: the saved (folded) weights are unfolded with the recorded norm_scale factors.</p>",
-        "<h3>Latent classes</h3>", _counts_table(counts),
+        "<h3>Latent classes" + (" (free latents only)" if layout else "") + "</h3>", _counts_table(counts),
     ]
+    if layout:
+        parts += ["<h3>Latent layout (classes by construction)</h3>", _layout_table(layout)]
+    if comparison:
+        parts += ["<h3 id='comparison'>Comparison with another crosscoder</h3>", _comparison_table(comparison)]
     if thresholds:
         parts += ["<p class='note'>Thresholds: " + html.escape(json.dumps(_clean(thresholds))) + "</p>"]
     for n in notes or []:
@@ -196,6 +265,8 @@ def render_report(path: Path, *, title: str, info: dict[str, Any], counts: dict[
         "<h2 id='latents-section'>Latents</h2><div id='controls'>",
         f"<label>class <select id='f-class'>{opts(('base_only', 'shared', 'ft_only', 'other'))}</select></label>",
         f"<label>class by norm <select id='f-norm'>{opts(('base_only', 'shared', 'ft_only', 'other'))}</select></label>",
+        (f"<label>kind <select id='f-kind'>{opts(('free', 'designated_shared', 'base_only', 'ft_only'))}</select></label>"
+         if layout else ""),
         f"<label>flag <select id='f-flag'>{opts(('any', 'complete_shrinkage', 'latent_decoupling', 'scaling_undefined', 'too_rare', 'dead'))}</select></label>",
         "<label>min freq <input id='f-freq' type='number' step='0.0001' value='0' style='width:80px'></label>",
         "<label>latent # <input id='f-latent' style='width:70px'></label>",

@@ -22,6 +22,19 @@ Classification (:class:`Thresholds`, defaults per architecture from its ``exclus
    ``other`` with ``flag`` ``complete_shrinkage`` (``nu_error`` too high), ``latent_decoupling``
    (``nu_reconstruction`` too high), ``scaling_undefined`` (its own model's beta is not positive) or
    ``too_rare``; latents that never fired are ``other`` / ``dead``.
+
+**Latent layout** (``--dedicated-base/--dedicated-ft/--shared-latents``, :mod:`crosscoder.model.layout`):
+the column ``kind`` says what each latent is by construction (``free``, ``designated_shared``,
+``base_only``, ``ft_only``). The rules above decide the ``class`` of ``free`` latents only; a constrained
+latent's ``class`` is its construction (``base_only``, ``ft_only``, and ``shared`` for designated shared
+latents) with ``flag`` empty, and :func:`class_counts` counts free latents only. ``norm_class`` stays the
+relative-norm call for every latent (exactly 0, 1 and 0.5 for the constrained ones). Latent Scaling still
+runs for the dedicated latents: ``layout_nu_error`` / ``layout_nu_reconstruction`` hold the ratio along
+the latent's own model's decoder (the mirror fit for ``base_only``, the fine-tuned fit for ``ft_only``;
+for designated shared latents the fine-tuned fit, ~1 when both models use the vector), and
+``layout_check`` says whether the partition holds by the same thresholds: ``ok``, or the reason
+(``complete_shrinkage``, ``latent_decoupling``, ``scaling_undefined``, ``too_rare``, ``dead``); empty for
+free latents and when no data was scanned. :func:`layout_summary` aggregates them per partition.
 """
 
 from __future__ import annotations
@@ -39,6 +52,11 @@ from .scaling import LatentScalingResult
 
 CLASS_NAMES = ("base_only", "shared", "ft_only", "other")
 FLAGS = ("complete_shrinkage", "latent_decoupling", "scaling_undefined", "too_rare", "dead")
+#: ``kind`` column values (:meth:`crosscoder.model.layout.LatentLayout.kinds`), and the class each
+#: constrained kind has by construction.
+KINDS = ("free", "designated_shared", "base_only", "ft_only")
+KIND_CLASS = {"designated_shared": "shared", "base_only": "base_only", "ft_only": "ft_only"}
+LAYOUT_CHECKS = ("ok",) + FLAGS
 
 
 @dataclass
@@ -106,20 +124,36 @@ def classify(relative_norm: np.ndarray, t: Thresholds, n_active: np.ndarray | No
     Returns ``(class, norm_class, flag)``, each an object array ``[d_latent]``.
     """
     by_norm = norm_classes(relative_norm, t)
+    flag = exclusive_flags(by_norm, t, n_active, nu_ft, nu_base)
     cls = by_norm.copy()
-    flag = np.full(cls.shape, "", dtype=object)
+    cls[flag != ""] = "other"
+    return cls, by_norm, flag
+
+
+def exclusive_flags(candidates: np.ndarray, t: Thresholds, n_active: np.ndarray | None = None,
+                    nu_ft: tuple[np.ndarray, np.ndarray] | None = None,
+                    nu_base: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Why each ``base_only`` / ``ft_only`` entry of ``candidates`` does not hold (``""`` when it does; other
+    entries get ``""`` or ``dead``): ``dead`` (never fired), ``too_rare`` (fewer than ``min_active``
+    scanned tokens), then with Latent Scaling ``scaling_undefined``, ``complete_shrinkage`` (``|nu_error|``
+    too high), ``latent_decoupling`` (``|nu_reconstruction|`` too high); ``nu_ft`` is used for ``ft_only``
+    candidates, ``nu_base`` (the mirror fit) for ``base_only`` ones. :func:`classify` demotes flagged
+    latents; ``crosscoder analyze`` also checks the dedicated partitions with it."""
+    cand_cls = np.asarray(candidates, dtype=object)
+    flag = np.full(cand_cls.shape, "", dtype=object)
+    excl = np.isin(cand_cls, ("base_only", "ft_only"))
     if n_active is not None:
         n_active = np.asarray(n_active)
         dead = n_active == 0
-        rare = (n_active < t.min_active) & ~dead & np.isin(by_norm, ("base_only", "ft_only"))
-        flag[rare], cls[rare] = "too_rare", "other"
-        flag[dead], cls[dead] = "dead", "other"
+        rare = (n_active < t.min_active) & ~dead & excl
+        flag[rare] = "too_rare"
+        flag[dead] = "dead"
     if t.latent_scaling:
         for name, nus in (("ft_only", nu_ft), ("base_only", nu_base)):
             if nus is None:
                 continue
             nu_e, nu_r = (np.asarray(v, np.float64) for v in nus)
-            cand = cls == name
+            cand = (cand_cls == name) & (flag == "")
             # NaN: the own model's beta is not positive (the latent does not explain its own model).
             undefined = cand & (np.isnan(nu_e) | np.isnan(nu_r))
             # |nu|: a base share of either sign (an anti-aligned direction is still present) counts.
@@ -127,8 +161,8 @@ def classify(relative_norm: np.ndarray, t: Thresholds, n_active: np.ndarray | No
             decouple = cand & ~undefined & ~shrink & (np.abs(nu_r) > t.nu_reconstruction_max)
             for mask, name_ in ((undefined, "scaling_undefined"), (shrink, "complete_shrinkage"),
                                 (decouple, "latent_decoupling")):
-                flag[mask], cls[mask] = name_, "other"
-    return cls, by_norm, flag
+                flag[mask] = name_
+    return flag
 
 
 def latent_columns(model: CrossCoder, thresholds: Thresholds | None = None,
@@ -165,13 +199,50 @@ def latent_columns(model: CrossCoder, thresholds: Thresholds | None = None,
         cols["beta_ratio_error_mirror"], cols["beta_ratio_reconstruction_mirror"] = (v.astype(np.float64) for v in nu_base)
     else:
         cols["beta_ratio_error_mirror"], cols["beta_ratio_reconstruction_mirror"] = nan.copy(), nan.copy()
-    cls, by_norm, flag = classify(cols["relative_norm"], t, cols["n_active"] if stats else None, nu_ft, nu_base)
+    n_active = cols["n_active"] if stats else None
+    cls, by_norm, flag = classify(cols["relative_norm"], t, n_active, nu_ft, nu_base)
     cols["class"], cols["norm_class"], cols["flag"] = cls, by_norm, flag
+    layout = getattr(model, "layout", None)
+    kinds = layout.kinds() if layout is not None else ["free"] * h
+    add_layout_columns(cols, kinds, t, n_active, nu_ft, nu_base)
     return cols
 
 
+def add_layout_columns(cols: dict[str, np.ndarray], kinds: list[str], t: Thresholds,
+                       n_active: np.ndarray | None = None, nu_ft: tuple[np.ndarray, np.ndarray] | None = None,
+                       nu_base: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    """The layout columns (module docstring): ``kind``, ``layout_nu_error``, ``layout_nu_reconstruction``,
+    ``layout_check``; constrained latents get their class by construction and an empty ``flag``."""
+    kind = np.asarray(kinds, dtype=object)
+    h = len(kind)
+    cols["kind"] = kind
+    nu_e, nu_r = np.full(h, np.nan), np.full(h, np.nan)
+    for name, nus in (("ft_only", nu_ft), ("designated_shared", nu_ft), ("base_only", nu_base)):
+        if nus is not None:
+            m = kind == name
+            nu_e[m], nu_r[m] = np.asarray(nus[0], np.float64)[m], np.asarray(nus[1], np.float64)[m]
+    cols["layout_nu_error"], cols["layout_nu_reconstruction"] = nu_e, nu_r
+    check = np.full(h, "", dtype=object)
+    if n_active is not None:  # data scanned: dedicated latents checked, designated shared ones for activity
+        dedicated = np.isin(kind, ("base_only", "ft_only"))
+        flags = exclusive_flags(kind, t, n_active, nu_ft, nu_base)
+        check[dedicated] = np.where(flags[dedicated] == "", "ok", flags[dedicated])
+        shared = kind == "designated_shared"
+        check[shared] = np.where(np.asarray(n_active)[shared] == 0, "dead", "ok")
+    cols["layout_check"] = check
+    for k, c in KIND_CLASS.items():
+        m = kind == k
+        cols["class"][m] = c
+        cols["flag"][m] = ""
+
+
 def class_counts(cols: dict[str, np.ndarray]) -> dict[str, dict[str, int]]:
-    """Per class: latents called so by norm alone, latents that keep the call, and why the rest lost it."""
+    """Per class: latents called so by norm alone, latents that keep the call, and why the rest lost it.
+    Over the ``free`` latents only when the table has a ``kind`` column (constrained latents are classed by
+    construction: :func:`layout_summary`)."""
+    if "kind" in cols:
+        free = cols["kind"] == "free"
+        cols = {k: cols[k][free] for k in ("norm_class", "class", "flag")}
     out: dict[str, dict[str, int]] = {}
     for c in CLASS_NAMES:
         by_norm = cols["norm_class"] == c
@@ -181,6 +252,46 @@ def class_counts(cols: dict[str, np.ndarray]) -> dict[str, dict[str, int]]:
             for fl in FLAGS:
                 row[fl] = int((by_norm & (cols["flag"] == fl)).sum())
         out[c] = row
+    return out
+
+
+def _median(v: np.ndarray) -> float:
+    v = np.asarray(v, np.float64)
+    v = v[np.isfinite(v)]
+    return float(np.median(v)) if len(v) else float("nan")
+
+
+def layout_summary(cols: dict[str, np.ndarray], layout: Any, violations: dict[str, float] | None = None) -> dict[str, Any]:
+    """Per partition (``kind``) of a table from :func:`latent_columns`: size, live latents, and for the
+    dedicated ones the partition check (``layout_check`` counts, median ``|nu|`` along their own model's
+    decoder); for designated shared latents the largest ``|r - 0.5|`` and the smallest decoder cosine (0 and
+    1 by construction) and the median ``nu`` (~1 when both models use them). ``layout``: the model's
+    :class:`~crosscoder.model.layout.LatentLayout`; ``violations``: its
+    :meth:`~crosscoder.model.layout.LatentLayout.violations` on the saved weights (all 0.0 expected)."""
+    kind = cols["kind"]
+    scanned = bool(np.any(cols["n_active"] >= 0))
+    out: dict[str, Any] = {"constrained": bool(layout.constrained), **layout.describe()}
+    parts: dict[str, Any] = {}
+    for k in ("base_only", "ft_only", "designated_shared", "free"):
+        m = kind == k
+        row: dict[str, Any] = {"n": int(m.sum())}
+        if scanned:
+            row["live"] = int((m & ~cols["dead"]).sum())
+        if k in ("base_only", "ft_only") and m.any():
+            if scanned:
+                for c in LAYOUT_CHECKS:
+                    row[c] = int((m & (cols["layout_check"] == c)).sum())
+            row["nu_error_median_abs"] = _median(np.abs(cols["layout_nu_error"][m]))
+            row["nu_reconstruction_median_abs"] = _median(np.abs(cols["layout_nu_reconstruction"][m]))
+        if k == "designated_shared" and m.any():
+            row["max_abs_relative_norm_minus_half"] = float(np.max(np.abs(cols["relative_norm"][m] - 0.5)))
+            row["min_cos_sim"] = float(np.min(cols["cos_sim"][m]))
+            row["nu_error_median"] = _median(cols["layout_nu_error"][m])
+            row["nu_reconstruction_median"] = _median(cols["layout_nu_reconstruction"][m])
+        parts[k] = row
+    out["partitions"] = parts
+    if violations is not None:
+        out["violations"] = violations
     return out
 
 

@@ -81,6 +81,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "decoder bias and data means), bias_free (reconstruction without b_dec), literal "
         "(as published: the decoder bias leaks into the betas)",
     )
+    k = p.add_argument_group("comparison with another crosscoder (see docs/layout.md)")
+    k.add_argument(
+        "--compare-to",
+        metavar="OTHER_RUN",
+        help="another crosscoder folder trained on the same data (e.g. a free crosscoder): match each latent to "
+        "its best latent there by per-model decoder cosine and report, per partition of this run, how many match "
+        "and the relative-norm class of the matches (summary.json 'comparison', report.html, match_* columns)",
+    )
+    k.add_argument(
+        "--compare-threshold",
+        type=float,
+        default=0.9,
+        help="a latent matches when its best per-model decoder cosine is at least this (default: 0.9)",
+    )
     r = p.add_argument_group("report")
     r.add_argument("--top-k", type=int, default=8, help="top activating contexts per latent (default: 8)")
     r.add_argument(
@@ -131,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         threads=args.threads,
         chunk=args.chunk,
+        compare_to=args.compare_to,
+        compare_threshold=args.compare_threshold,
     )
     analyze(cfg)
     return 0

@@ -146,7 +146,7 @@ class CrossCoder(nn.Module):
         if not torch.all(self.norm_scale == 1) or torch.any(self.norm_mean != 0):
             raise CrossCoderError("fold: model is already folded")
         self.W_enc.mul_(s[:, None, None])
-        self.W_dec.div_(s[None, :, None])
+        self.layout.fold_decoder_(self.W_dec, s)  # W_dec[:, m] /= s[m]; tied latents stay exactly tied
         self.b_dec.div_(s[:, None])
         if norm_mean is not None:
             mu = torch.as_tensor(norm_mean, dtype=torch.float32, device=dev)
@@ -187,6 +187,7 @@ class CrossCoder(nn.Module):
         d = dataclasses.asdict(self.cfg)
         norm = self.normalization()
         d["norm_scale"], d["norm_mean"] = norm.scale, norm.mean
+        d["shared_sparsity_coeff"] = self.layout.shared_factor  # the resolved factor (the architecture's default)
         d.update(self.arch.config_info())
         d["library"] = "crosscoder"
         d["version"] = __version__

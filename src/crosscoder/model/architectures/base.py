@@ -141,7 +141,8 @@ class Architecture(nn.Module):
     * ``has_fast_path``, ``dense_latents`` (its fast path holds ``[batch, d_latent]`` dense latents: memory
       in ``crosscoder plan``), ``aux_by_default`` (AuxK on unless ``--aux-k 0``), ``calibrates`` (it sets an
       inference rule from data at the end of training: :meth:`calibrate`), ``exclusive_band`` (the default
-      relative-norm band of ``crosscoder analyze`` for its exclusive latents).
+      relative-norm band of ``crosscoder analyze`` for its exclusive latents), ``default_shared_factor`` (the
+      sparsity factor of designated shared latents when ``--shared-sparsity-coeff`` is not given).
 
     ``select_method`` picks the sparse selection kernels: ``"threshold"`` (host-assisted, CPU default) or
     ``"topk"`` (no host synchronisation, default elsewhere); see :mod:`crosscoder.model.selection`.
@@ -155,6 +156,7 @@ class Architecture(nn.Module):
     aux_by_default: bool = False
     calibrates: bool = False
     exclusive_band: float = 0.1
+    default_shared_factor: float = 0.1
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()

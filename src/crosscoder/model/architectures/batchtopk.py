@@ -74,6 +74,10 @@ class BatchTopK(Architecture):
     # No L1 pressure shrinks the other model's decoder to zero, so exclusive latents keep a small residual
     # norm there (relative norm ~ 0.8-0.95): a wider band, with Latent Scaling as the filter.
     exclusive_band = 0.25
+    # A factor below 1 divides the designated shared latents' scores, so they win the selection: measured on
+    # the built-in pair (32 shared of 256 latents, k 4) factor 0.5 left 51% of latents dead and explained
+    # variance 0.78, 0.1 left 87.5% dead (0.53); 1.0 (tying only) trains as without them (0.972 vs 0.973).
+    default_shared_factor = 1.0
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__(model)
