@@ -45,8 +45,15 @@ def make_models(folder: Path, layers: int, d_model: int, vocab: int, seq_len: in
     paths = []
     for i, name in enumerate(("base", "ft")):
         torch.manual_seed(i)
-        cfg = GPT2Config(vocab_size=vocab, n_positions=max(seq_len, 128), n_embd=d_model, n_layer=layers,
-                         n_head=max(1, d_model // 64), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        cfg = GPT2Config(
+            vocab_size=vocab,
+            n_positions=max(seq_len, 128),
+            n_embd=d_model,
+            n_layer=layers,
+            n_head=max(1, d_model // 64),
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
         GPT2LMHeadModel(cfg).save_pretrained(folder / name)
         tok.save_pretrained(folder / name)
         paths.append(folder / name)
@@ -87,9 +94,19 @@ def bench_collection(args: argparse.Namespace, folder: Path) -> dict:
     g = torch.Generator().manual_seed(0)
     batches = []
     for b in range(args.batches):  # mixed lengths: padding included, as in a truncating collection
-        seqs = [TokenSequence(b * args.batch + i, [tok.bos_token_id] + torch.randint(
-            1, args.vocab, (int(torch.randint(args.seq_len // 2, args.seq_len, (1,), generator=g)),), generator=g).tolist())
-            for i in range(args.batch)]
+        seqs = [
+            TokenSequence(
+                b * args.batch + i,
+                [tok.bos_token_id]
+                + torch.randint(
+                    1,
+                    args.vocab,
+                    (int(torch.randint(args.seq_len // 2, args.seq_len, (1,), generator=g)),),
+                    generator=g,
+                ).tolist(),
+            )
+            for i in range(args.batch)
+        ]
         batches.append(seqs)
     hf = [m.hf for m in col.models]
     a, _ = col.rows(batches[0])  # warm-up + parity check
@@ -104,12 +121,18 @@ def bench_collection(args: argparse.Namespace, folder: Path) -> dict:
         n = sum(int(hook_rows(hf, site, make_batch(s, col.pad_id), tok.bos_token_id)[1]) for s in batches)
         hook_rates.append(n / (time.perf_counter() - t))
     nn_med, hook_med = statistics.median(nn_rates), statistics.median(hook_rates)
-    return {"model": f"GPT-2 {args.layers} layers, d_model {args.d_model}, vocab {args.vocab}, site {site}",
-            "batch": f"{args.batch} x <= {args.seq_len} tokens, {args.batches} batches per round, {args.rounds} rounds",
-            "nnsight_tokens_per_s": round(nn_med), "hooks_tokens_per_s": round(hook_med),
-            "nnsight_overhead_pct": round(100 * (hook_med / nn_med - 1), 2),
-            "nnsight_rounds": [round(r) for r in nn_rates], "hooks_rounds": [round(r) for r in hook_rates],
-            "max_abs_diff_nnsight_vs_hooks": max_diff}
+    return {
+        "model": f"GPT-2 {args.layers} layers, d_model {args.d_model}, vocab {args.vocab}, site {site}",
+        "batch": (
+            f"{args.batch} x <= {args.seq_len} tokens, {args.batches} batches per round, {args.rounds} rounds"
+        ),
+        "nnsight_tokens_per_s": round(nn_med),
+        "hooks_tokens_per_s": round(hook_med),
+        "nnsight_overhead_pct": round(100 * (hook_med / nn_med - 1), 2),
+        "nnsight_rounds": [round(r) for r in nn_rates],
+        "hooks_rounds": [round(r) for r in hook_rates],
+        "max_abs_diff_nnsight_vs_hooks": max_diff,
+    }
 
 
 def train_tokens_per_s(d_model: int, d_latent: int, k: int, batch: int, steps: int = 8) -> float:
@@ -117,7 +140,9 @@ def train_tokens_per_s(d_model: int, d_latent: int, k: int, batch: int, steps: i
     from crosscoder.config import CrossCoderConfig
     from crosscoder.model import CrossCoder, compute_loss
 
-    model = CrossCoder(CrossCoderConfig(arch="batchtopk", d_latent=d_latent, k=k, n_models=2, d_model=d_model))
+    model = CrossCoder(
+        CrossCoderConfig(arch="batchtopk", d_latent=d_latent, k=k, n_models=2, d_model=d_model)
+    )
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     x = torch.randn(batch, 2, d_model)
     times = []
@@ -140,7 +165,10 @@ def bench_cache(args: argparse.Namespace, folder: Path) -> dict:
     t = time.perf_counter()
     for lo in range(0, rows, 65536):
         n = min(65536, rows - lo)
-        w.add(torch.randn(n, 2, d), np.stack([np.zeros(n, np.int64), np.arange(lo, lo + n), np.zeros(n, np.int64)], 1))
+        w.add(
+            torch.randn(n, 2, d),
+            np.stack([np.zeros(n, np.int64), np.arange(lo, lo + n), np.zeros(n, np.int64)], 1),
+        )
     w.close()
     write_s = time.perf_counter() - t
     cache = PairedCache(folder / "cache", verify="size")
@@ -153,12 +181,20 @@ def bench_cache(args: argparse.Namespace, folder: Path) -> dict:
     read = n_batches * args.train_batch / (time.perf_counter() - t)
     src.close()
     train = args.train_tokens_per_s or train_tokens_per_s(d, args.d_latent, args.k, args.train_batch)
-    return {"cache": f"{rows} rows x [2, {d}] {args.cache_dtype}, 8 shards, shuffled batches of {args.train_batch}",
-            "write_rows_per_s": round(rows / write_s), "read_rows_per_s": round(read),
-            "train_tokens_per_s": round(train),
-            "train_step": ("given" if args.train_tokens_per_s else
-                           f"measured: batchtopk d_latent {args.d_latent}, k {args.k}, batch {args.train_batch}"),
-            "read_over_train": round(read / train, 1)}
+    return {
+        "cache": (
+            f"{rows} rows x [2, {d}] {args.cache_dtype}, 8 shards, shuffled batches of {args.train_batch}"
+        ),
+        "write_rows_per_s": round(rows / write_s),
+        "read_rows_per_s": round(read),
+        "train_tokens_per_s": round(train),
+        "train_step": (
+            "given"
+            if args.train_tokens_per_s
+            else f"measured: batchtopk d_latent {args.d_latent}, k {args.k}, batch {args.train_batch}"
+        ),
+        "read_over_train": round(read / train, 1),
+    }
 
 
 def main() -> None:

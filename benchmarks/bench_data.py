@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
     add_shape_arguments(p, arch="batchtopk")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", type=int, default=131072)
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="cache storage dtype")
+    p.add_argument(
+        "--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="cache storage dtype"
+    )
     p.add_argument("--batches", type=int, default=30, help="batches timed per loader measurement")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3)
@@ -67,8 +69,17 @@ def main(argv: list[str] | None = None) -> dict:
         for _ in range(a.rounds):
             pre.append(loader_rate(cache, a.batch_size, a.batches, prefetch=4))
             sync.append(loader_rate(cache, a.batch_size, a.batches, prefetch=0))
-        step = run_bench(a.arch, a.d_model, a.dict_size, a.batch_size, a.k, steps=a.steps, warmup=1,
-                         threads=a.threads, n_models=a.n_models)
+        step = run_bench(
+            a.arch,
+            a.d_model,
+            a.dict_size,
+            a.batch_size,
+            a.k,
+            steps=a.steps,
+            warmup=1,
+            threads=a.threads,
+            n_models=a.n_models,
+        )
         ts = build_step(a.arch, a.d_model, a.dict_size, a.batch_size, a.k, a.steps + 1, torch.device("cpu"))
         src = CacheBatches(cache, a.batch_size, seed=0, norm=[1.0] * a.n_models, prefetch=4)
         try:
@@ -82,9 +93,16 @@ def main(argv: list[str] | None = None) -> dict:
             src.close()
     rate = statistics.median(pre)
     out = {
-        "arch": a.arch, "d_model": a.d_model, "n_models": a.n_models, "dict_size": a.dict_size,
-        "batch_size": a.batch_size, "threads": a.threads, "cache_rows": a.rows, "cache_dtype": a.dtype,
-        "loader_rows_per_s": rate, "loader_sync_rows_per_s": statistics.median(sync),
+        "arch": a.arch,
+        "d_model": a.d_model,
+        "n_models": a.n_models,
+        "dict_size": a.dict_size,
+        "batch_size": a.batch_size,
+        "threads": a.threads,
+        "cache_rows": a.rows,
+        "cache_dtype": a.dtype,
+        "loader_rows_per_s": rate,
+        "loader_sync_rows_per_s": statistics.median(sync),
         "step_tokens_per_s": step["tokens_per_s"],
         "trained_from_cache_tokens_per_s": a.batch_size / statistics.median(times),
         "ratio": rate / step["tokens_per_s"],

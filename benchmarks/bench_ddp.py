@@ -20,14 +20,45 @@ from pathlib import Path
 
 
 def run(out: Path, nproc: int, args: argparse.Namespace) -> float:
-    train = ["--out", str(out), "--arch", args.arch, "--dict-size", str(args.dict_size), "--k", str(args.k),
-             "--batch-size", str(args.batch_size), "--num-tokens", str(args.num_tokens), "--val-tokens", "0",
-             "--log-every", "20", "--wandb", "off", "--no-progress", "--save-every", "0", "--device", args.device]
+    train = [
+        "--out",
+        str(out),
+        "--arch",
+        args.arch,
+        "--dict-size",
+        str(args.dict_size),
+        "--k",
+        str(args.k),
+        "--batch-size",
+        str(args.batch_size),
+        "--num-tokens",
+        str(args.num_tokens),
+        "--val-tokens",
+        "0",
+        "--log-every",
+        "20",
+        "--wandb",
+        "off",
+        "--no-progress",
+        "--save-every",
+        "0",
+        "--device",
+        args.device,
+    ]
     if nproc == 1:
         cmd = [sys.executable, "-m", "crosscoder", "train", *train]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "crosscoder", "train", *train]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "crosscoder",
+            "train",
+            *train,
+        ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, check=True, env=env, capture_output=True)
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
@@ -48,9 +79,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         one = run(Path(tmp) / "one", 1, args)
         many = run(Path(tmp) / "many", args.nproc, args)
-    print(json.dumps({"arch": args.arch, "dict_size": args.dict_size, "batch_size": args.batch_size,
-                      "device": args.device, "tokens_per_s_1": round(one), f"tokens_per_s_{args.nproc}": round(many),
-                      "speedup": round(many / one, 3)}))
+    print(
+        json.dumps(
+            {
+                "arch": args.arch,
+                "dict_size": args.dict_size,
+                "batch_size": args.batch_size,
+                "device": args.device,
+                "tokens_per_s_1": round(one),
+                f"tokens_per_s_{args.nproc}": round(many),
+                "speedup": round(many / one, 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

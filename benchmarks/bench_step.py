@@ -7,7 +7,8 @@ Both steps start from the same weights and see the same batches. Each round time
 ours and ``steps`` of the reference, alternating one step of each, every step followed by one timed
 matmul-peak GEMM (``[batch, n_models * d_model] x [n_models * d_model, dict_size]``), so that both
 implementations and the peak see the same machine load. Reported times are medians over all timed
-steps; ``speedup`` = reference time / our time. ``first_l2_rel_diff`` compares the first step's l2 loss of both (same maths, same weights and batch).
+steps; ``speedup`` = reference time / our time. ``first_l2_rel_diff`` compares the first step's l2
+loss of both (same maths, same weights and batch).
 """
 
 from __future__ import annotations
@@ -43,16 +44,30 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps of each implementation first")
     p.add_argument("--aux-k", type=int, default=None)
     p.add_argument("--dead-frac", type=float, default=0.0, help="fraction of latents held dead (AuxK runs)")
-    p.add_argument("--ref-select", choices=("sort", "topk"), default="sort",
-                   help="reference BatchTopK: sort the flattened scores (default) or one flattened topk")
+    p.add_argument(
+        "--ref-select",
+        choices=("sort", "topk"),
+        default="sort",
+        help="reference BatchTopK: sort the flattened scores (default) or one flattened topk",
+    )
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     dev = torch.device("cpu")
     total = a.warmup + a.steps * a.rounds
     ours = build_step(a.arch, a.d_model, a.dict_size, a.batch_size, a.k, total, dev, aux_k=a.aux_k)
     init = {n: getattr(ours.model, n).detach().clone() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    ref = ReferenceStep(a.arch, a.n_models, a.d_model, a.dict_size, a.k, aux_k=ours.aux_k, total_steps=total,
-                        dead_tokens=ours.dead_tokens, init=init, select=a.ref_select)
+    ref = ReferenceStep(
+        a.arch,
+        a.n_models,
+        a.d_model,
+        a.dict_size,
+        a.k,
+        aux_k=ours.aux_k,
+        total_steps=total,
+        dead_tokens=ours.dead_tokens,
+        init=init,
+        select=a.ref_select,
+    )
     xs = synthetic_batches(4, a.batch_size, a.n_models, a.d_model, dev)
     dead_idx = dead_set(a.dict_size, a.dead_frac)
     d = a.n_models * a.d_model
@@ -92,14 +107,30 @@ def main(argv: list[str] | None = None) -> dict:
     flops_o = step_flops(a.arch, a.batch_size, d, a.dict_size, a.k, int(dead_idx.numel()), ours.aux_k)
     flops_dense = step_flops("vanilla", a.batch_size, d, a.dict_size, a.k)
     out = {
-        "arch": a.arch, "d_model": a.d_model, "n_models": a.n_models, "dict_size": a.dict_size,
-        "batch_size": a.batch_size, "k": a.k, "threads": a.threads, "aux_k": ours.aux_k, "dead_frac": a.dead_frac,
+        "arch": a.arch,
+        "d_model": a.d_model,
+        "n_models": a.n_models,
+        "dict_size": a.dict_size,
+        "batch_size": a.batch_size,
+        "k": a.k,
+        "threads": a.threads,
+        "aux_k": ours.aux_k,
+        "dead_frac": a.dead_frac,
         "ref_select": a.ref_select if a.arch == "batchtopk" else None,
-        "steps_timed_each": len(t_ours), "peak_gflop_s": peak,
-        "ours": {"ms_per_step": ms_o * 1e3, "tokens_per_s": a.batch_size / ms_o,
-                 "achieved_gflop_s": flops_o / ms_o / 1e9, "frac_of_peak": flops_o / ms_o / 1e9 / peak},
-        "reference": {"ms_per_step": ms_r * 1e3, "tokens_per_s": a.batch_size / ms_r,
-                      "dense_gflop_s": flops_dense / ms_r / 1e9, "frac_of_peak": flops_dense / ms_r / 1e9 / peak},
+        "steps_timed_each": len(t_ours),
+        "peak_gflop_s": peak,
+        "ours": {
+            "ms_per_step": ms_o * 1e3,
+            "tokens_per_s": a.batch_size / ms_o,
+            "achieved_gflop_s": flops_o / ms_o / 1e9,
+            "frac_of_peak": flops_o / ms_o / 1e9 / peak,
+        },
+        "reference": {
+            "ms_per_step": ms_r * 1e3,
+            "tokens_per_s": a.batch_size / ms_r,
+            "dense_gflop_s": flops_dense / ms_r / 1e9,
+            "frac_of_peak": flops_dense / ms_r / 1e9 / peak,
+        },
         "speedup": ms_r / ms_o,
         "first_l2_rel_diff": abs(first["ours"] - first["ref"]) / max(abs(first["ref"]), 1e-12),
         "torch": torch.__version__,

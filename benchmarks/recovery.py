@@ -83,6 +83,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows", type=int, help="rows generated per pair (default: num-tokens + 100000)")
     p.add_argument("--k", type=int, help="batchtopk k (default: ceil(expected active per token) + 1)")
     p.add_argument("--l1-coeff", type=float, help="vanilla L1 coefficient (default: the train default)")
+    p.add_argument(
+        "--dedicated-frac",
+        type=float,
+        default=0.0,
+        help="--dedicated-base/--dedicated-ft each this fraction of the dictionary (default: 0, none)",
+    )
+    p.add_argument(
+        "--shared-frac",
+        type=float,
+        default=0.0,
+        help="--shared-latents this fraction of the dictionary (default: 0, none)",
+    )
     p.add_argument("--jobs", type=int, default=1, help="pairs processed in parallel (default: 1)")
     p.add_argument("--work", help="scratch folder (default: a temporary one, removed at the end)")
     p.add_argument(
@@ -124,7 +136,8 @@ def log(msg: str) -> None:
 
 
 def call(args: list[str], timeout: float | None) -> dict[str, Any]:
-    """Run ``python -m crosscoder ARGS``: ``{"ok", "seconds"}`` plus ``returncode``/``stderr_tail`` on failure."""
+    """Run ``python -m crosscoder ARGS``: ``{"ok", "seconds"}`` plus ``returncode``/``stderr_tail``
+    on failure."""
     cmd = [sys.executable, "-m", "crosscoder", *args]
     t0 = time.perf_counter()
     try:
@@ -234,6 +247,14 @@ def run_pair(family: str, seed: int, a: argparse.Namespace, work: Path) -> list[
         elif a.l1_coeff is not None:
             train += ["--l1-coeff", str(a.l1_coeff)]
             rec["l1_coeff"] = a.l1_coeff
+        if a.dedicated_frac:  # dedicated partitions, sized from the dictionary (users do not know the truth)
+            n_ded = max(1, round(a.dedicated_frac * 2 * n_feat))
+            train += ["--dedicated-base", str(n_ded), "--dedicated-ft", str(n_ded)]
+            rec["dedicated"] = n_ded
+        if a.shared_frac:  # designated shared latents
+            n_sh = max(1, round(a.shared_frac * 2 * n_feat))
+            train += ["--shared-latents", str(n_sh)]
+            rec["shared_latents"] = n_sh
         train += shlex.split(a.extra_train_args)
         stages = [
             ("train", train),

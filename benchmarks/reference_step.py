@@ -23,10 +23,25 @@ import torch
 class ReferenceStep:
     """One dense training step. ``arch`` is "vanilla" (ReLU + decoder-norm-weighted L1) or "batchtopk"."""
 
-    def __init__(self, arch: str, n_models: int, d_model: int, d_latent: int, k: int = 32, lr: float = 1e-3,
-                 l1_coeff: float = 1.0, aux_k: int = 512, aux_coeff: float = 1 / 32, dead_tokens: int = 10_000_000,
-                 max_grad_norm: float = 1.0, threshold_beta: float = 0.999, total_steps: int = 1000,
-                 init: dict[str, torch.Tensor] | None = None, seed: int = 0, select: str = "sort") -> None:
+    def __init__(
+        self,
+        arch: str,
+        n_models: int,
+        d_model: int,
+        d_latent: int,
+        k: int = 32,
+        lr: float = 1e-3,
+        l1_coeff: float = 1.0,
+        aux_k: int = 512,
+        aux_coeff: float = 1 / 32,
+        dead_tokens: int = 10_000_000,
+        max_grad_norm: float = 1.0,
+        threshold_beta: float = 0.999,
+        total_steps: int = 1000,
+        init: dict[str, torch.Tensor] | None = None,
+        seed: int = 0,
+        select: str = "sort",
+    ) -> None:
         self.arch, self.k, self.l1_coeff, self.select = arch, k, l1_coeff, select
         self.aux_k = aux_k if arch == "batchtopk" else 0
         self.aux_coeff, self.dead_tokens, self.max_grad_norm = aux_coeff, dead_tokens, max_grad_norm
@@ -35,15 +50,21 @@ class ReferenceStep:
             g = torch.Generator().manual_seed(seed)
             w_dec = torch.randn(d_latent, n_models, d_model, generator=g)
             w_dec = 0.08 * w_dec / w_dec.norm(dim=-1, keepdim=True)
-            init = {"W_enc": w_dec.permute(1, 2, 0).clone(), "b_enc": torch.zeros(d_latent), "W_dec": w_dec,
-                    "b_dec": torch.zeros(n_models, d_model)}
+            init = {
+                "W_enc": w_dec.permute(1, 2, 0).clone(),
+                "b_enc": torch.zeros(d_latent),
+                "W_dec": w_dec,
+                "b_dec": torch.zeros(n_models, d_model),
+            }
         self.W_enc = torch.nn.Parameter(init["W_enc"].clone())  # [m, d, h]
         self.b_enc = torch.nn.Parameter(init["b_enc"].clone())  # [h]
         self.W_dec = torch.nn.Parameter(init["W_dec"].clone())  # [h, m, d]
         self.b_dec = torch.nn.Parameter(init["b_dec"].clone())  # [m, d]
         self.params = [self.W_enc, self.b_enc, self.W_dec, self.b_dec]
         self.opt = torch.optim.Adam(self.params, lr=lr)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: max(0.0, 1.0 - s / (total_steps + 1)))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: max(0.0, 1.0 - s / (total_steps + 1))
+        )
         self.since_fired = torch.zeros(d_latent, dtype=torch.long)
 
     def step(self, x: torch.Tensor) -> dict[str, float]:
@@ -63,7 +84,11 @@ class ReferenceStep:
             kept = scores[order].detach()
             smallest = kept[kept > 0].min().item() if bool((kept > 0).any()) else None
             if smallest is not None:
-                self.threshold = smallest if self.threshold < 0 else self.beta * self.threshold + (1 - self.beta) * smallest
+                self.threshold = (
+                    smallest
+                    if self.threshold < 0
+                    else self.beta * self.threshold + (1 - self.beta) * smallest
+                )
         else:
             f = acts
         x_hat = torch.einsum("bh,hmd->bmd", f, self.W_dec) + self.b_dec
@@ -92,10 +117,16 @@ class ReferenceStep:
         self.since_fired[fired] = 0
         err = (x - x_hat).detach().pow(2)
         dev = (x - x.mean(0, keepdim=True)).pow(2)
-        out = {"loss": loss.item(), "l2_loss": l2.item(), "l1_loss": l1.item(),
-               "l0_loss": (f > 0).float().sum(-1).mean().item(), "aux_loss": aux,
-               "explained_variance": (1 - err.sum() / dev.sum()).item(),
-               "grad_norm": gnorm.item(), "dead_fraction": dead.float().mean().item()}
+        out = {
+            "loss": loss.item(),
+            "l2_loss": l2.item(),
+            "l1_loss": l1.item(),
+            "l0_loss": (f > 0).float().sum(-1).mean().item(),
+            "aux_loss": aux,
+            "explained_variance": (1 - err.sum() / dev.sum()).item(),
+            "grad_norm": gnorm.item(),
+            "dead_fraction": dead.float().mean().item(),
+        }
         for i in range(x.shape[1]):
             out[f"explained_variance_{i}"] = (1 - err[:, i].sum() / dev[:, i].sum()).item()
         return out

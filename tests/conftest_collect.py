@@ -75,9 +75,20 @@ def mismatched_ft() -> Path:
 def collect_config(out: Path | str, **kw: object) -> CollectConfig:
     """A collection on the tiny pair (block 0 output, float32, small shards, no progress bar)."""
     pair = tiny_pair()
-    base = dict(base_model=str(pair.base), ft_model=str(pair.ft), site="transformer.h.0", dataset=str(corpus()),
-                out=str(out), num_tokens=2000, seq_len=32, batch_size=8, dtype="float32", shard_mb=0.05,
-                progress=False, device="cpu")
+    base = dict(
+        base_model=str(pair.base),
+        ft_model=str(pair.ft),
+        site="transformer.h.0",
+        dataset=str(corpus()),
+        out=str(out),
+        num_tokens=2000,
+        seq_len=32,
+        batch_size=8,
+        dtype="float32",
+        shard_mb=0.05,
+        progress=False,
+        device="cpu",
+    )
     base.update(kw)
     return CollectConfig(**base)  # type: ignore[arg-type]
 

@@ -29,20 +29,44 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     pair = build_demo_pair(SMALL, root=root / "pair")
     cache = root / "cache"
-    collect(CollectConfig(base_model=str(pair.base), ft_model=str(pair.ft), site=SITE, dataset=str(pair.corpus),
-                          out=str(cache), num_tokens=12_000, seq_len=32, batch_size=32, dtype="float32",
-                          progress=False, device="cpu"), say=lambda s: None)
+    collect(
+        CollectConfig(
+            base_model=str(pair.base),
+            ft_model=str(pair.ft),
+            site=SITE,
+            dataset=str(pair.corpus),
+            out=str(cache),
+            num_tokens=12_000,
+            seq_len=32,
+            batch_size=32,
+            dtype="float32",
+            progress=False,
+            device="cpu",
+        ),
+        say=lambda s: None,
+    )
     # Held-out text: standard-library documents past the ones the pair was trained on.
     docs = prose_documents(300_000)[-30:] + code_documents(300_000)[-30:]
     eval_data = root / "eval.jsonl"
     eval_data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     runs = {}
     for steps in (1, 120):
-        cfg = RunConfig(model=CrossCoderConfig(arch="batchtopk", d_latent=64, k=4, threshold_beta=0.9),
-                        train=TrainConfig(num_tokens=steps * 256, batch_size=256, lr=3e-3, val_tokens=1024,
-                                          val_every=0, log_every=1 if steps == 1 else 10, save_every=0, wandb="off",
-                                          progress=False, device="cpu"),
-                        data=DataConfig(cache=str(cache), verify_cache="size"))
+        cfg = RunConfig(
+            model=CrossCoderConfig(arch="batchtopk", d_latent=64, k=4, threshold_beta=0.9),
+            train=TrainConfig(
+                num_tokens=steps * 256,
+                batch_size=256,
+                lr=3e-3,
+                val_tokens=1024,
+                val_every=0,
+                log_every=1 if steps == 1 else 10,
+                save_every=0,
+                wandb="off",
+                progress=False,
+                device="cpu",
+            ),
+            data=DataConfig(cache=str(cache), verify_cache="size"),
+        )
         run_training(cfg, root / f"cc-{steps}")
         runs[steps] = root / f"cc-{steps}"
     return {"root": root, "pair": pair, "cache": cache, "eval": eval_data, "runs": runs}
@@ -58,8 +82,12 @@ def test_spliced_in_loss_recovered_rises_with_training(tiny):
     assert len(seqs) == 48
     base = load_site_model(str(tiny["pair"].base), SITE, tokenizer=tok)
     ft = load_site_model(str(tiny["pair"].ft), SITE, tokenizer=tok)
-    res = {steps: spliced_eval(CrossCoder.from_pretrained(run), base, ft, seqs, tok.pad_token_id or 0, tok.bos_token_id)
-           for steps, run in tiny["runs"].items()}
+    res = {
+        steps: spliced_eval(
+            CrossCoder.from_pretrained(run), base, ft, seqs, tok.pad_token_id or 0, tok.bos_token_id
+        )
+        for steps, run in tiny["runs"].items()
+    }
     for name in ("base", "ft"):
         early, late = res[1][name], res[120][name]
         assert early["ce_clean"] == pytest.approx(late["ce_clean"])  # same models, same text
@@ -75,7 +103,9 @@ def test_spliced_in_loss_recovered_rises_with_training(tiny):
     ids = torch.tensor([seqs[0].ids])
     with torch.no_grad():
         ref = base.hf(input_ids=ids, labels=ids).loss
-    one = spliced_eval(CrossCoder.from_pretrained(tiny["runs"][120]), base, ft, seqs[:1], tok.pad_token_id or 0, None)
+    one = spliced_eval(
+        CrossCoder.from_pretrained(tiny["runs"][120]), base, ft, seqs[:1], tok.pad_token_id or 0, None
+    )
     assert one["base"]["ce_clean"] == pytest.approx(float(ref), rel=1e-5)
 
 
@@ -86,26 +116,40 @@ def _png_size_and_colours(path):
     w, h, depth, ctype = struct.unpack(">IIBB", data[16:26])
     idat, pos = b"", 8
     while pos < len(data):
-        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        n, kind = struct.unpack(">I4s", data[pos : pos + 8])
         if kind == b"IDAT":
-            idat += data[pos + 8:pos + 8 + n]
+            idat += data[pos + 8 : pos + 8 + n]
         pos += 12 + n
     raw = zlib.decompress(idat)
     bpp = 4 if ctype == 6 else 3
     stride = w * bpp + 1
-    rows = [raw[i * stride + 1:(i + 1) * stride] for i in range(0, h, max(1, h // 50))]
-    return w, h, len({bytes(r[j:j + bpp]) for r in rows for j in range(0, len(r), bpp * 7)})
+    rows = [raw[i * stride + 1 : (i + 1) * stride] for i in range(0, h, max(1, h // 50))]
+    return w, h, len({bytes(r[j : j + bpp]) for r in rows for j in range(0, len(r), bpp * 7)})
 
 
 def test_analyze_cli_on_the_tiny_pair_and_report_in_chromium(tiny, tmp_path):
     out = tiny["root"] / "report"
-    rc = main(["analyze", str(tiny["runs"][120]), "--cache", str(tiny["cache"]), "--out", str(out),
-               "--eval-sequences", "16", "--top-k", "4"])
+    rc = main(
+        [
+            "analyze",
+            str(tiny["runs"][120]),
+            "--cache",
+            str(tiny["cache"]),
+            "--out",
+            str(out),
+            "--eval-sequences",
+            "16",
+            "--top-k",
+            "4",
+        ]
+    )
     assert rc == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["site"] == SITE and s["arch"] == "batchtopk" and "ground_truth" not in s
     sp = s["spliced"]
-    assert sp["held_out"] is True and sp["n_sequences"] == 16 and sp["skip"] > 0  # after the collected sequences
+    assert (
+        sp["held_out"] is True and sp["n_sequences"] == 16 and sp["skip"] > 0
+    )  # after the collected sequences
     for name in ("base", "ft"):
         assert 0.0 <= sp[name]["frac_recovered"] <= 1.0
     assert set(s["classes"]) == {"base_only", "shared", "ft_only", "other"}
@@ -132,7 +176,10 @@ def test_analyze_cli_on_the_tiny_pair_and_report_in_chromium(tiny, tmp_path):
     assert table_view.ok and '<div class="card">' in table_view.dom and 'class="tok mark"' in table_view.dom
     # The check is not vacuous: a script error and a failed load are reported.
     broken = tmp_path / "broken.html"
-    broken.write_text(html.replace("<div class='note'>status:", "<script>undefinedFunction();</script>"
-                                   "<div class='note'>status:", 1))
+    broken.write_text(
+        html.replace(
+            "<div class='note'>status:", "<script>undefinedFunction();</script><div class='note'>status:", 1
+        )
+    )
     bad = check_page(broken)
     assert not bad.ok and any("undefinedFunction" in e for e in bad.page_errors + bad.console_errors)

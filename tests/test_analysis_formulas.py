@@ -32,7 +32,10 @@ torch.set_num_threads(1)
 
 
 def make_model(d_model: int = 4, d_latent: int = 3, arch: str = "vanilla", seed: int = 0) -> CrossCoder:
-    return CrossCoder(CrossCoderConfig(arch=arch, d_latent=d_latent, d_model=d_model), generator=torch.Generator().manual_seed(seed))
+    return CrossCoder(
+        CrossCoderConfig(arch=arch, d_latent=d_latent, d_model=d_model),
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def test_decoder_metrics_hand_values_and_folding():
@@ -65,23 +68,70 @@ def test_decoder_metrics_hand_values_and_folding():
 
 
 def test_classes_by_norm_and_latent_scaling():
-    t = Thresholds(exclusive_band=0.1, shared_band=0.2, nu_error_max=0.2, nu_reconstruction_max=0.5, min_active=5)
+    t = Thresholds(
+        exclusive_band=0.1, shared_band=0.2, nu_error_max=0.2, nu_reconstruction_max=0.5, min_active=5
+    )
     r = np.array([0.05, 0.95, 0.5, 0.72, 0.25, 0.97, 0.98, 0.99, 0.02, 0.96, 0.7])
-    np.testing.assert_array_equal(norm_classes(r, t), ["base_only", "ft_only", "shared", "other", "other", "ft_only",
-                                                       "ft_only", "ft_only", "base_only", "ft_only", "shared"])
+    np.testing.assert_array_equal(
+        norm_classes(r, t),
+        [
+            "base_only",
+            "ft_only",
+            "shared",
+            "other",
+            "other",
+            "ft_only",
+            "ft_only",
+            "ft_only",
+            "base_only",
+            "ft_only",
+            "shared",
+        ],
+    )
     n_active = np.array([100, 100, 100, 100, 100, 100, 100, 3, 100, 0, 100])
     nu_e = np.array([0, -0.1, 0, 0, 0, -0.5, 0.1, 0, 0, 0, 0])
     nu_r = np.array([0, 0.2, 0, 0, 0, 0.0, 0.9, 0, 0, 0, 0])
     mirror_e = np.array([0.6, 0, 0, 0, 0, 0, 0, 0, 0.01, 0, 0])
     mirror_r = np.array([0.0, 0, 0, 0, 0, 0, 0, 0, np.nan, 0, 0])
     cls, by_norm, flag = classify(r, t, n_active, (nu_e, nu_r), (mirror_e, mirror_r))
-    assert list(cls) == ["other", "ft_only", "shared", "other", "other", "other", "other", "other", "other", "other", "shared"]
-    assert list(flag) == ["complete_shrinkage", "", "", "", "", "complete_shrinkage", "latent_decoupling", "too_rare",
-                          "scaling_undefined", "dead", ""]
+    assert list(cls) == [
+        "other",
+        "ft_only",
+        "shared",
+        "other",
+        "other",
+        "other",
+        "other",
+        "other",
+        "other",
+        "other",
+        "shared",
+    ]
+    assert list(flag) == [
+        "complete_shrinkage",
+        "",
+        "",
+        "",
+        "",
+        "complete_shrinkage",
+        "latent_decoupling",
+        "too_rare",
+        "scaling_undefined",
+        "dead",
+        "",
+    ]
     cols = {"class": cls, "norm_class": by_norm, "flag": flag}
     counts = class_counts(cols)
-    assert counts["ft_only"] == {"norm": 5, "final": 1, "surviving": 1, "complete_shrinkage": 1,
-                                 "latent_decoupling": 1, "scaling_undefined": 0, "too_rare": 1, "dead": 1}
+    assert counts["ft_only"] == {
+        "norm": 5,
+        "final": 1,
+        "surviving": 1,
+        "complete_shrinkage": 1,
+        "latent_decoupling": 1,
+        "scaling_undefined": 0,
+        "too_rare": 1,
+        "dead": 1,
+    }
     assert counts["base_only"]["norm"] == 2 and counts["base_only"]["surviving"] == 0
     # Norm alone when Latent Scaling is off.
     t_off = Thresholds(exclusive_band=0.1, latent_scaling=False, min_active=0)
@@ -125,7 +175,7 @@ def test_latent_scaling_matches_brute_force_least_squares():
     x = torch.randn(700, 2, 6, generator=torch.Generator().manual_seed(1))
     acc = ScalingAccumulator(cc, block_floats=40, mode="literal")  # several latent blocks; the published fit
     for lo in range(0, 700, 128):  # streaming, uneven last chunk
-        xb = x[lo:lo + 128]
+        xb = x[lo : lo + 128]
         f = cc.encode(xb)
         acc.update(xb, f, cc.decode(f))
     for direction, k in (("base", 0), ("ft", 1)):
@@ -140,8 +190,9 @@ def test_latent_scaling_matches_brute_force_least_squares():
     assert (acc.result().n_active.numpy() == (cc.encode(x) > 0).sum(0).numpy()).all()
 
 
-def planted_pair(betas: np.ndarray, n: int = 4000, noise: float = 0.01, decoupled: bool = False,
-                 seed: int = 0) -> tuple[CrossCoder, torch.Tensor]:
+def planted_pair(
+    betas: np.ndarray, n: int = 4000, noise: float = 0.01, decoupled: bool = False, seed: int = 0
+) -> tuple[CrossCoder, torch.Tensor]:
     """A crosscoder with ``len(betas)`` fine-tuned-only latents on orthonormal directions e_j, and data
     where the base activation carries ``beta_j`` times the fine-tuned one along e_j.
 
@@ -236,8 +287,20 @@ def test_stats_top_activations_and_table(tmp_path):
     assert (top_rows[:, 3] == -1).all()
     # Through the notebook API (same numbers, a DataFrame with the required columns).
     df = latent_table(cc, cache, max_tokens=None, chunk=300)
-    for col in ("latent", "dec_norm_base", "dec_norm_ft", "relative_norm", "delta_norm", "cos_sim", "class", "freq",
-                "beta_ratio_error", "beta_ratio_reconstruction", "mean_act", "dead"):
+    for col in (
+        "latent",
+        "dec_norm_base",
+        "dec_norm_ft",
+        "relative_norm",
+        "delta_norm",
+        "cos_sim",
+        "class",
+        "freq",
+        "beta_ratio_error",
+        "beta_ratio_reconstruction",
+        "mean_act",
+        "dead",
+    ):
         assert col in df.columns
     np.testing.assert_allclose(df["freq"].to_numpy(), st["freq"])
     assert df["class"].iloc[3] == "other" and bool(df["dead"].iloc[3])
@@ -280,8 +343,11 @@ def test_contexts_mark_the_activating_token_and_stop_at_sequence_ends(tmp_path):
     assert len(ctx[1]) == 1  # only one positive activation
     # latent_acts agrees with the full encoder
     xs = cache.read(np.arange(n))
-    np.testing.assert_allclose(latent_acts(norm, xs, torch.zeros(n, dtype=torch.long)).detach().numpy(),
-                               norm.encode(xs)[:, 0].detach().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        latent_acts(norm, xs, torch.zeros(n, dtype=torch.long)).detach().numpy(),
+        norm.encode(xs)[:, 0].detach().numpy(),
+        rtol=1e-6,
+    )
 
 
 def test_batchtopk_eval_threshold_used_for_contexts():
@@ -302,13 +368,34 @@ def test_report_page_data_is_valid_json_without_network(tmp_path):
     cc = make_model(d_model=4, d_latent=5)
     cols = latent_columns(cc, thresholds_for("vanilla"))
     cols["beta_ratio_error"][0] = math.inf
-    path = render_report(tmp_path / "r.html", title="t </script> & <b>", info={"a": 1.5}, counts=class_counts(cols),
-                         cols=cols, figures={}, contexts={0: [{"row": 1, "act": 1.0, "seq": 0, "pos": 2,
-                                                               "tokens": ["</script>", "b"], "acts": [1.0, 0.0],
-                                                               "mark": 0, "proj_base": 0.1, "proj_ft": float("nan")}]})
+    path = render_report(
+        tmp_path / "r.html",
+        title="t </script> & <b>",
+        info={"a": 1.5},
+        counts=class_counts(cols),
+        cols=cols,
+        figures={},
+        contexts={
+            0: [
+                {
+                    "row": 1,
+                    "act": 1.0,
+                    "seq": 0,
+                    "pos": 2,
+                    "tokens": ["</script>", "b"],
+                    "acts": [1.0, 0.0],
+                    "mark": 0,
+                    "proj_base": 0.1,
+                    "proj_ft": float("nan"),
+                }
+            ]
+        },
+    )
     text = path.read_text()
     assert not re.search(r"(src|href)\s*=\s*['\"]?(https?:)?//", text)
-    payload = re.search(r"<script type='application/json' id='report-data'>(.*?)</script>", text, re.S).group(1)
+    payload = re.search(r"<script type='application/json' id='report-data'>(.*?)</script>", text, re.S).group(
+        1
+    )
     data = json.loads(payload.replace("<\\/", "</"))
     assert data["table"]["rows"][0][data["table"]["columns"].index("beta_ratio_error")] is None
     assert data["contexts"]["0"][0]["tokens"][0] == "</script>"

@@ -26,10 +26,31 @@ torch.set_num_threads(1)
 
 LAYOUT = dict(dedicated_base=32, dedicated_ft=32, shared_latents=32)
 # The columns of the latent table before the layout existed: still there, same names, same order.
-OLD_COLUMNS = ["latent", "dec_norm_base", "dec_norm_ft", "relative_norm", "delta_norm", "cos_sim", "freq", "mean_act",
-               "mean_act_all", "max_act", "n_active", "dead", "beta_ratio_error", "beta_ratio_reconstruction",
-               "beta_error_base", "beta_error_ft", "beta_reconstruction_base", "beta_reconstruction_ft",
-               "beta_ratio_error_mirror", "beta_ratio_reconstruction_mirror", "class", "norm_class", "flag"]
+OLD_COLUMNS = [
+    "latent",
+    "dec_norm_base",
+    "dec_norm_ft",
+    "relative_norm",
+    "delta_norm",
+    "cos_sim",
+    "freq",
+    "mean_act",
+    "mean_act_all",
+    "max_act",
+    "n_active",
+    "dead",
+    "beta_ratio_error",
+    "beta_ratio_reconstruction",
+    "beta_error_base",
+    "beta_error_ft",
+    "beta_reconstruction_base",
+    "beta_reconstruction_ft",
+    "beta_ratio_error_mirror",
+    "beta_ratio_reconstruction_mirror",
+    "class",
+    "norm_class",
+    "flag",
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +59,37 @@ def runs(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CROSSCODER_CACHE_DIR", str(root / "cache"))
         for name, layout in (("lay", LAYOUT), ("free", {})):
-            cfg = RunConfig(model=CrossCoderConfig(arch="vanilla", d_latent=256, **layout),
-                            train=TrainConfig(num_tokens=600_000, batch_size=1024, val_tokens=2048, val_every=0,
-                                              log_every=50, save_every=0, wandb="off", progress=False, lr=2e-3))
+            cfg = RunConfig(
+                model=CrossCoderConfig(arch="vanilla", d_latent=256, **layout),
+                train=TrainConfig(
+                    num_tokens=600_000,
+                    batch_size=1024,
+                    val_tokens=2048,
+                    val_every=0,
+                    log_every=50,
+                    save_every=0,
+                    wandb="off",
+                    progress=False,
+                    lr=2e-3,
+                ),
+            )
             run_training(cfg, root / name)
-        rc = main(["analyze", str(root / "lay"), "--out", str(root / "report"), "--max-tokens", "30000",
-                   "--compare-to", str(root / "free")])
+        rc = main(
+            [
+                "analyze",
+                str(root / "lay"),
+                "--out",
+                str(root / "report"),
+                "--max-tokens",
+                "30000",
+                "--compare-to",
+                str(root / "free"),
+            ]
+        )
         assert rc == 0
-        rc = main(["analyze", str(root / "free"), "--out", str(root / "report-free"), "--max-tokens", "30000"])
+        rc = main(
+            ["analyze", str(root / "free"), "--out", str(root / "report-free"), "--max-tokens", "30000"]
+        )
         assert rc == 0
     return root
 
@@ -59,8 +103,16 @@ def test_table_kind_column_and_classes_by_construction(runs):
     rows = read_csv(runs / "report" / "latents.csv")
     names = list(rows[0])
     assert [c for c in names if c in OLD_COLUMNS] == OLD_COLUMNS  # nothing renamed, removed or reordered
-    for c in ("kind", "layout_check", "layout_nu_error", "layout_nu_reconstruction", "match_latent", "match_cos",
-              "match_class", "match_kind"):
+    for c in (
+        "kind",
+        "layout_check",
+        "layout_nu_error",
+        "layout_nu_reconstruction",
+        "match_latent",
+        "match_cos",
+        "match_class",
+        "match_kind",
+    ):
         assert c in names, c
     kinds = [r["kind"] for r in rows]
     assert kinds == ["base_only"] * 32 + ["ft_only"] * 32 + ["designated_shared"] * 32 + ["free"] * 160
@@ -72,8 +124,14 @@ def test_table_kind_column_and_classes_by_construction(runs):
         if r["kind"] == "base_only":  # the partition check: nu along the base decoder (the mirror fit)
             assert float(r["relative_norm"]) == 0.0
             assert r["layout_nu_error"] == r["beta_ratio_error_mirror"]
-            assert r["layout_check"] in ("ok", "complete_shrinkage", "latent_decoupling", "scaling_undefined",
-                                         "too_rare", "dead")
+            assert r["layout_check"] in (
+                "ok",
+                "complete_shrinkage",
+                "latent_decoupling",
+                "scaling_undefined",
+                "too_rare",
+                "dead",
+            )
         elif r["kind"] == "ft_only":
             assert float(r["relative_norm"]) == 1.0
             assert r["layout_nu_reconstruction"] == r["beta_ratio_reconstruction"]
@@ -159,41 +217,90 @@ def test_matching_is_per_model_on_the_partition_models():
     carries some of their directions with various relative norms."""
     e = _orth()
     z = torch.zeros(8)
-    run = CrossCoder(CrossCoderConfig(arch="vanilla", d_latent=6, d_model=8, dedicated_base=2, dedicated_ft=2,
-                                      shared_latents=1))
+    run = CrossCoder(
+        CrossCoderConfig(
+            arch="vanilla", d_latent=6, d_model=8, dedicated_base=2, dedicated_ft=2, shared_latents=1
+        )
+    )
     other = CrossCoder(CrossCoderConfig(arch="vanilla", d_latent=5, d_model=8))
     with torch.no_grad():
-        run.W_dec.copy_(torch.stack([torch.stack(p) for p in (
-            (e[0], z), (e[1], z), (z, e[2]), (z, e[3]), (e[4], e[4]), (e[6], e[7]))]))
-        other.W_dec.copy_(torch.stack([torch.stack(p) for p in (
-            (e[0], e[0]),                # shared by norm, carries RUN 0's base direction
-            (0.01 * e[7], e[2]),         # ft_only by norm: RUN 2
-            (e[1], 0.02 * e[5]),         # base_only by norm: RUN 1
-            (e[5], e[6]),                # nothing of RUN's
-            (2 * e[4], 0.5 * e[4]))]))   # RUN 4's shared vector, r = 0.2: "other"
+        run.W_dec.copy_(
+            torch.stack(
+                [
+                    torch.stack(p)
+                    for p in ((e[0], z), (e[1], z), (z, e[2]), (z, e[3]), (e[4], e[4]), (e[6], e[7]))
+                ]
+            )
+        )
+        other.W_dec.copy_(
+            torch.stack(
+                [
+                    torch.stack(p)
+                    for p in (
+                        (e[0], e[0]),  # shared by norm, carries RUN 0's base direction
+                        (0.01 * e[7], e[2]),  # ft_only by norm: RUN 2
+                        (e[1], 0.02 * e[5]),  # base_only by norm: RUN 1
+                        (e[5], e[6]),  # nothing of RUN's
+                        (2 * e[4], 0.5 * e[4]),
+                    )
+                ]
+            )
+        )  # RUN 4's shared vector, r = 0.2: "other"
     res = match_latents(run, other)
     assert res["match_latent"][[0, 1, 2, 4]].tolist() == [0, 2, 1, 4]
     np.testing.assert_allclose(res["match_cos"][[0, 1, 2, 4]], 1.0, atol=1e-6)
     assert res["match_cos"][3] < 0.1 and res["match_cos"][5] < 0.1
     # the concatenated cosine would miss RUN 0 -> OTHER 0: 1/sqrt(2) < 0.9
-    cat = torch.nn.functional.cosine_similarity(run.W_dec[0].detach().reshape(-1), other.W_dec[0].detach().reshape(-1), dim=0)
-    assert float(cat) == pytest.approx(2 ** -0.5, abs=1e-6)
-    s, cols = compare_runs(run, other, np.array(run.layout.kinds(), dtype=object), thresholds_for("vanilla"), 0.9)
-    assert cols["match_class"].tolist() == ["shared", "base_only", "ft_only", "unmatched", "other", "unmatched"]
-    assert s["table"]["base_only"] == {"n": 2, "matched": 2, "unmatched": 0, "base_only": 1, "shared": 1, "ft_only": 0,
-                                       "other": 0, "distinct_matches": 2, "median_best_cos": pytest.approx(1.0)}
+    cat = torch.nn.functional.cosine_similarity(
+        run.W_dec[0].detach().reshape(-1), other.W_dec[0].detach().reshape(-1), dim=0
+    )
+    assert float(cat) == pytest.approx(2**-0.5, abs=1e-6)
+    s, cols = compare_runs(
+        run, other, np.array(run.layout.kinds(), dtype=object), thresholds_for("vanilla"), 0.9
+    )
+    assert cols["match_class"].tolist() == [
+        "shared",
+        "base_only",
+        "ft_only",
+        "unmatched",
+        "other",
+        "unmatched",
+    ]
+    assert s["table"]["base_only"] == {
+        "n": 2,
+        "matched": 2,
+        "unmatched": 0,
+        "base_only": 1,
+        "shared": 1,
+        "ft_only": 0,
+        "other": 0,
+        "distinct_matches": 2,
+        "median_best_cos": pytest.approx(1.0),
+    }
     assert (s["table"]["ft_only"]["matched"], s["table"]["ft_only"]["ft_only"]) == (1, 1)
     assert (s["table"]["designated_shared"]["matched"], s["table"]["designated_shared"]["other"]) == (1, 1)
     assert s["table"]["free"]["unmatched"] == 1
-    assert s["reverse"]["base_only"] == {"n": 1, "matched": 1, "base_only": 1, "ft_only": 0, "designated_shared": 0,
-                                         "free": 0}
+    assert s["reverse"]["base_only"] == {
+        "n": 1,
+        "matched": 1,
+        "base_only": 1,
+        "ft_only": 0,
+        "designated_shared": 0,
+        "free": 0,
+    }
 
 
 def test_decoder_only_table_and_counts():
-    cc = CrossCoder(CrossCoderConfig(arch="batchtopk", d_latent=40, d_model=8, dedicated_base=4, dedicated_ft=6,
-                                     shared_latents=10))
+    cc = CrossCoder(
+        CrossCoderConfig(
+            arch="batchtopk", d_latent=40, d_model=8, dedicated_base=4, dedicated_ft=6, shared_latents=10
+        )
+    )
     cols = latent_columns(cc, thresholds_for("batchtopk"))
-    assert cols["kind"].tolist() == ["base_only"] * 4 + ["ft_only"] * 6 + ["designated_shared"] * 10 + ["free"] * 20
+    assert (
+        cols["kind"].tolist()
+        == ["base_only"] * 4 + ["ft_only"] * 6 + ["designated_shared"] * 10 + ["free"] * 20
+    )
     assert set(cols["layout_check"]) == {""}  # nothing scanned: nothing checked
     assert cols["class"][:20].tolist() == ["base_only"] * 4 + ["ft_only"] * 6 + ["shared"] * 10
     counts = class_counts(cols)
@@ -206,9 +313,21 @@ def test_compare_errors_are_one_line(runs, tmp_path, capsys):
     rc = main(["analyze", str(runs / "lay"), "--out", str(tmp_path / "r"), "--compare-to", str(small)])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "width 32" in err and "Traceback" not in err
-    rc = main(["analyze", str(runs / "lay"), "--out", str(tmp_path / "r"), "--compare-to", str(tmp_path / "nope")])
+    rc = main(
+        ["analyze", str(runs / "lay"), "--out", str(tmp_path / "r"), "--compare-to", str(tmp_path / "nope")]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and err.startswith("error: ")
-    rc = main(["analyze", str(runs / "lay"), "--out", str(tmp_path / "r"), "--compare-to", str(runs / "free"),
-               "--compare-threshold", "1.5"])
+    rc = main(
+        [
+            "analyze",
+            str(runs / "lay"),
+            "--out",
+            str(tmp_path / "r"),
+            "--compare-to",
+            str(runs / "free"),
+            "--compare-threshold",
+            "1.5",
+        ]
+    )
     assert rc == 2 and "compare-threshold" in capsys.readouterr().err

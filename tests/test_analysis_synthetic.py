@@ -39,16 +39,34 @@ def runs(tmp_path_factory):
         mp.setenv("CROSSCODER_CACHE_DIR", str(root / "cache"))
         out = {}
         for arch, (model_cfg, train_kw) in CONFIGS.items():
-            cfg = RunConfig(model=model_cfg, train=TrainConfig(num_tokens=TOKENS, batch_size=1024, val_tokens=16384,
-                                                               val_every=0, log_every=50, save_every=0, wandb="off",
-                                                               progress=False, device="cpu", **train_kw))
+            cfg = RunConfig(
+                model=model_cfg,
+                train=TrainConfig(
+                    num_tokens=TOKENS,
+                    batch_size=1024,
+                    val_tokens=16384,
+                    val_every=0,
+                    log_every=50,
+                    save_every=0,
+                    wandb="off",
+                    progress=False,
+                    device="cpu",
+                    **train_kw,
+                ),
+            )
             run_training(cfg, root / arch)
             out[arch] = root / arch
         # vanilla through the CLI (recorded cache, ground truth found beside it), batchtopk through the API
-        rc = main(["analyze", str(out["vanilla"]), "--out", str(root / "report-vanilla"), "--max-tokens", "200000"])
+        rc = main(
+            ["analyze", str(out["vanilla"]), "--out", str(root / "report-vanilla"), "--max-tokens", "200000"]
+        )
         assert rc == 0
-        analyze(AnalyzeConfig(run_dir=str(out["batchtopk"]), out=str(root / "report-batchtopk"), max_tokens=200_000),
-                say=lambda s: None)
+        analyze(
+            AnalyzeConfig(
+                run_dir=str(out["batchtopk"]), out=str(root / "report-batchtopk"), max_tokens=200_000
+            ),
+            say=lambda s: None,
+        )
     return root
 
 
@@ -85,8 +103,13 @@ def test_latent_scaling_demotes_what_norm_alone_over_calls(runs, arch):
     assert ft["norm"] - ft["surviving"] == sum(ft[k] for k in FLAGS)
     # the demoted weakened-shared latents carry a base-model share near the planted 0.3
     rows = list(csv.DictReader(open(runs / f"report-{arch}" / "latents.csv")))
-    weak = [r for r in rows if r["planted_class"] == "shared_weak" and float(r["planted_cos"]) > 0.95
-            and r["norm_class"] == "ft_only"]
+    weak = [
+        r
+        for r in rows
+        if r["planted_class"] == "shared_weak"
+        and float(r["planted_cos"]) > 0.95
+        and r["norm_class"] == "ft_only"
+    ]
     assert weak and all(r["flag"] in ("complete_shrinkage", "latent_decoupling") for r in weak)
     nu = np.array([float(r["beta_ratio_error"]) for r in weak])
     assert 0.2 < np.median(nu) < 0.9
@@ -96,17 +119,43 @@ def test_report_outputs(runs):
     import pyarrow.parquet as pq
 
     rep = runs / "report-vanilla"
-    for name in ("latents.parquet", "latents.csv", "summary.json", "report.html", "relative_norms.png",
-                 "cosine_shared.png", "delta_vs_nu.png", "density.png", "training.png"):
+    for name in (
+        "latents.parquet",
+        "latents.csv",
+        "summary.json",
+        "report.html",
+        "relative_norms.png",
+        "cosine_shared.png",
+        "delta_vs_nu.png",
+        "density.png",
+        "training.png",
+    ):
         assert (rep / name).is_file(), name
     table = pq.read_table(rep / "latents.parquet")
     assert table.num_rows == 512
-    for col in ("latent", "dec_norm_base", "dec_norm_ft", "relative_norm", "delta_norm", "cos_sim", "class", "freq",
-                "mean_act", "dead", "beta_ratio_error", "beta_ratio_reconstruction", "norm_class", "flag"):
+    for col in (
+        "latent",
+        "dec_norm_base",
+        "dec_norm_ft",
+        "relative_norm",
+        "delta_norm",
+        "cos_sim",
+        "class",
+        "freq",
+        "mean_act",
+        "dead",
+        "beta_ratio_error",
+        "beta_ratio_reconstruction",
+        "norm_class",
+        "flag",
+    ):
         assert col in table.column_names, col
     s = summary(runs, "vanilla")
     assert "normalised training space" in s["space"]
-    assert s["thresholds"]["exclusive_band"] == 0.1 and summary(runs, "batchtopk")["thresholds"]["exclusive_band"] == 0.25
+    assert (
+        s["thresholds"]["exclusive_band"] == 0.1
+        and summary(runs, "batchtopk")["thresholds"]["exclusive_band"] == 0.25
+    )
     assert s["reconstruction"]["explained_variance"] > 0.9
     assert s["spliced"] is None  # no models behind a synthetic pair
     assert "normalised training space" in (rep / "report.html").read_text()
@@ -118,18 +167,52 @@ def test_analyze_two_hf_datasets_from_crosscoder_synth(tmp_path, monkeypatch):
     from crosscoder.data.synthetic import SyntheticConfig, write_hf_pair
 
     monkeypatch.setenv("CROSSCODER_CACHE_DIR", str(tmp_path / "cache"))
-    write_hf_pair(SyntheticConfig(d_model=16, n_shared=8, n_base_only=4, n_ft_only=4, n_shared_weak=2), 30_000,
-                  tmp_path / "pair")
+    write_hf_pair(
+        SyntheticConfig(d_model=16, n_shared=8, n_base_only=4, n_ft_only=4, n_shared_weak=2),
+        30_000,
+        tmp_path / "pair",
+    )
     data = {"base_data": str(tmp_path / "pair" / "base"), "ft_data": str(tmp_path / "pair" / "ft")}
-    cfg = RunConfig(model=CrossCoderConfig(arch="vanilla", d_latent=64),
-                    train=TrainConfig(num_tokens=20_000, batch_size=500, val_tokens=2000, val_every=0, log_every=10,
-                                      save_every=0, wandb="off", progress=False, device="cpu"),
-                    data=DataConfig(**data))
+    cfg = RunConfig(
+        model=CrossCoderConfig(arch="vanilla", d_latent=64),
+        train=TrainConfig(
+            num_tokens=20_000,
+            batch_size=500,
+            val_tokens=2000,
+            val_every=0,
+            log_every=10,
+            save_every=0,
+            wandb="off",
+            progress=False,
+            device="cpu",
+        ),
+        data=DataConfig(**data),
+    )
     run_training(cfg, tmp_path / "run")
-    rc = main(["analyze", str(tmp_path / "run"), "--base-data", data["base_data"], "--ft-data", data["ft_data"],
-               "--column", "activation", "--out", str(tmp_path / "rep"), "--no-spliced", "--max-cards", "10"])
+    rc = main(
+        [
+            "analyze",
+            str(tmp_path / "run"),
+            "--base-data",
+            data["base_data"],
+            "--ft-data",
+            data["ft_data"],
+            "--column",
+            "activation",
+            "--out",
+            str(tmp_path / "rep"),
+            "--no-spliced",
+            "--max-cards",
+            "10",
+        ]
+    )
     assert rc == 0
     s = json.loads((tmp_path / "rep" / "summary.json").read_text())
     assert s["tokens_scanned"] == 30_000 and "ground_truth" in s
     assert oct((tmp_path / "rep" / "report.html").stat().st_mode & 0o777) != oct(0o600)
-    assert main(["analyze", str(tmp_path / "run"), "--base-data", data["base_data"], "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(
+            ["analyze", str(tmp_path / "run"), "--base-data", data["base_data"], "--out", str(tmp_path / "x")]
+        )
+        == 2
+    )

@@ -13,15 +13,42 @@ from crosscoder.cli import main
 from crosscoder.model import architecture_names
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-FIELDS = ("tokens_per_s", "ms_per_step", "achieved_gflop_s", "peak_gflop_s", "frac_of_peak", "peak_mem_mb",
-          "gflop_per_step")
+FIELDS = (
+    "tokens_per_s",
+    "ms_per_step",
+    "achieved_gflop_s",
+    "peak_gflop_s",
+    "frac_of_peak",
+    "peak_mem_mb",
+    "gflop_per_step",
+)
 
 
 @pytest.mark.parametrize("arch", architecture_names())  # every registered architecture
 @pytest.mark.parametrize("extra", [[], ["--dead-frac", "0.25", "--aux-k", "8"]])
 def test_bench_cli_prints_json(capsys, arch, extra) -> None:
-    rc = main(["bench", "--arch", arch, "--d-model", "16", "--dict-size", "128", "--batch-size", "32", "--k", "4",
-               "--steps", "2", "--warmup", "1", "--threads", "1", *extra])
+    rc = main(
+        [
+            "bench",
+            "--arch",
+            arch,
+            "--d-model",
+            "16",
+            "--dict-size",
+            "128",
+            "--batch-size",
+            "32",
+            "--k",
+            "4",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            *extra,
+        ]
+    )
     assert rc == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in FIELDS:
@@ -47,20 +74,59 @@ def _load(name: str):
 
 @pytest.mark.parametrize("arch", ["vanilla", "batchtopk"])
 def test_bench_step_script(capsys, arch) -> None:
-    out = _load("bench_step").main(["--arch", arch, "--d-model", "16", "--dict-size", "256", "--batch-size", "64",
-                                    "--k", "4", "--threads", "1", "--steps", "1", "--rounds", "2",
-                                    "--dead-frac", "0.1"])
+    out = _load("bench_step").main(
+        [
+            "--arch",
+            arch,
+            "--d-model",
+            "16",
+            "--dict-size",
+            "256",
+            "--batch-size",
+            "64",
+            "--k",
+            "4",
+            "--threads",
+            "1",
+            "--steps",
+            "1",
+            "--rounds",
+            "2",
+            "--dead-frac",
+            "0.1",
+        ]
+    )
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
     assert out["speedup"] > 0 and out["ours"]["tokens_per_s"] > 0 and out["reference"]["tokens_per_s"] > 0
     assert out["first_l2_rel_diff"] < 1e-5  # same weights, same batch, same maths
 
 
 def test_bench_data_script(capsys) -> None:
-    out = _load("bench_data").main(["--d-model", "16", "--dict-size", "128", "--batch-size", "64", "--k", "4",
-                                    "--threads", "1", "--rows", "2048", "--batches", "4", "--steps", "1",
-                                    "--rounds", "1"])
+    out = _load("bench_data").main(
+        [
+            "--d-model",
+            "16",
+            "--dict-size",
+            "128",
+            "--batch-size",
+            "64",
+            "--k",
+            "4",
+            "--threads",
+            "1",
+            "--rows",
+            "2048",
+            "--batches",
+            "4",
+            "--steps",
+            "1",
+            "--rounds",
+            "1",
+        ]
+    )
     assert out["loader_rows_per_s"] > 0 and out["ratio"] == pytest.approx(
-        out["loader_rows_per_s"] / out["step_tokens_per_s"])
+        out["loader_rows_per_s"] / out["step_tokens_per_s"]
+    )
 
 
 def test_reference_step_matches_library_loss() -> None:

@@ -19,13 +19,23 @@ from crosscoder.errors import DataError
 torch.set_num_threads(1)
 
 
-def run_config(buffer_tokens: int = 1024, batch_size: int = 64, val_tokens: int = 0, **train: object) -> RunConfig:
+def run_config(
+    buffer_tokens: int = 1024, batch_size: int = 64, val_tokens: int = 0, **train: object
+) -> RunConfig:
     pair = tiny_pair()
     return RunConfig(
         model=CrossCoderConfig(arch="batchtopk", d_latent=64, k=4),
         train=TrainConfig(batch_size=batch_size, val_tokens=val_tokens, seed=3, **train),  # type: ignore[arg-type]
-        data=DataConfig(base_model=str(pair.base), ft_model=str(pair.ft), site="transformer.h.0",
-                        dataset=str(corpus()), seq_len=32, model_batch_size=8, buffer_tokens=buffer_tokens))
+        data=DataConfig(
+            base_model=str(pair.base),
+            ft_model=str(pair.ft),
+            site="transformer.h.0",
+            dataset=str(corpus()),
+            seq_len=32,
+            model_batch_size=8,
+            buffer_tokens=buffer_tokens,
+        ),
+    )
 
 
 def keys(index: torch.Tensor) -> set[tuple[int, int]]:
@@ -60,7 +70,9 @@ def test_buffer_matches_collect_rows_and_normalisation(tmp_path: Path) -> None:
     buf = buffer_source(run_config(buffer_tokens=1024), "cpu")
     collect(collect_config(tmp_path / "c", num_tokens=1024), say=quiet)
     cache = PairedCache(tmp_path / "c")
-    np.testing.assert_allclose(np.asarray(buf.norm_mean), np.asarray(cache.stats["mean"]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(buf.norm_mean), np.asarray(cache.stats["mean"]), rtol=1e-5, atol=1e-6
+    )
     index = cache.read_index(np.arange(cache.n_rows))
     where = {(int(s), int(p)): i for i, (s, p) in enumerate(index[:, 1:].tolist())}
     assert keys(buf.index) == set(where)
@@ -103,8 +115,18 @@ def test_on_the_fly_training_end_to_end(tmp_path: Path) -> None:
     from crosscoder.model import CrossCoder
     from crosscoder.train import run_training
 
-    cfg = run_config(buffer_tokens=1024, batch_size=128, val_tokens=256, num_tokens=128 * 12, log_every=4,
-                     val_every=6, save_every=0, wandb="off", progress=False, dead_tokens=10_000)
+    cfg = run_config(
+        buffer_tokens=1024,
+        batch_size=128,
+        val_tokens=256,
+        num_tokens=128 * 12,
+        log_every=4,
+        val_every=6,
+        save_every=0,
+        wandb="off",
+        progress=False,
+        dead_tokens=10_000,
+    )
     metrics = run_training(cfg, tmp_path / "run")
     assert np.isfinite(metrics["loss"]) and "val/explained_variance" in metrics
     model = CrossCoder.from_pretrained(tmp_path / "run")

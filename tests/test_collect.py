@@ -46,8 +46,9 @@ def test_left_padding_trap_is_real_for_gpt2() -> None:
     b = make_batch([TokenSequence(0, short), TokenSequence(1, [tok.bos_token_id] + list(range(50, 59)))], 0)
     with torch.no_grad():
         alone = base(torch.tensor([short]), output_hidden_states=True).hidden_states[1][0]
-        wrong = base(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                     output_hidden_states=True).hidden_states[1][0, -4:]
+        wrong = base(
+            input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True
+        ).hidden_states[1][0, -4:]
         right = base(**b, output_hidden_states=True).hidden_states[1][0, -4:]
     assert not torch.allclose(wrong, alone, atol=1e-3)
     torch.testing.assert_close(right, alone, atol=1e-5, rtol=1e-5)
@@ -57,7 +58,9 @@ def test_left_padding_trap_is_real_for_gpt2() -> None:
 def test_parity_with_plain_unpadded_forward(tmp_path: Path, site: str) -> None:
     """Cached rows == each sequence alone through plain transformers (hidden states / forward hook),
     for both models, on batches of mixed lengths; BOS and padding dropped for both."""
-    cfg = collect_config(tmp_path / "c", site=site, dataset=str(mixed_lengths()), pack=False, num_tokens=10_000)
+    cfg = collect_config(
+        tmp_path / "c", site=site, dataset=str(mixed_lengths()), pack=False, num_tokens=10_000
+    )
     summary = collect(cfg, say=quiet)
     assert summary["dropped"]["pad"] > 0 and summary["dropped"]["bos"] == 40  # one BOS per sequence
     cache = PairedCache(tmp_path / "c")
@@ -76,7 +79,9 @@ def test_parity_with_plain_unpadded_forward(tmp_path: Path, site: str) -> None:
                     ref[sid] = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[1][0]
                 else:
                     got: list[torch.Tensor] = []
-                    h = model.get_submodule(site).register_forward_hook(lambda mod, i, o, got=got: got.append(o))
+                    h = model.get_submodule(site).register_forward_hook(
+                        lambda mod, i, o, got=got: got.append(o)
+                    )
                     model(torch.tensor([ids]))
                     h.remove()
                     ref[sid] = got[0][0]
@@ -91,7 +96,9 @@ def test_stop_after_site_skips_later_layers(tmp_path: Path) -> None:
     from crosscoder.data.collect import build_collector, load_tokenizer
 
     tok = load_tokenizer(str(pair.base))
-    col = build_collector(str(pair.base), str(pair.ft), "transformer.h.0", tokenizer=tok, device=torch.device("cpu"))
+    col = build_collector(
+        str(pair.base), str(pair.ft), "transformer.h.0", tokenizer=tok, device=torch.device("cpu")
+    )
     calls = []
     for m in col.models:
         m.hf.transformer.h[1].register_forward_hook(lambda *a: calls.append(1))
@@ -106,17 +113,37 @@ def test_tokenizer_mismatch_refused_unless_allowed(tmp_path: Path, capsys: pytes
         collect(collect_config(tmp_path / "a", ft_model=str(other)), say=quiet)
     assert not (tmp_path / "a").exists()
     pair = tiny_pair()
-    rc = main(["collect", "--base-model", str(pair.base), "--ft-model", str(other), "--site", "transformer.h.0",
-               "--dataset", str(corpus()), "--out", str(tmp_path / "b"), "--num-tokens", "100", "--no-progress"])
+    rc = main(
+        [
+            "collect",
+            "--base-model",
+            str(pair.base),
+            "--ft-model",
+            str(other),
+            "--site",
+            "transformer.h.0",
+            "--dataset",
+            str(corpus()),
+            "--out",
+            str(tmp_path / "b"),
+            "--num-tokens",
+            "100",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: tokenizers")
-    collect(collect_config(tmp_path / "c", ft_model=str(other), allow_tokenizer_mismatch=True, num_tokens=300),
-            say=quiet)
+    collect(
+        collect_config(tmp_path / "c", ft_model=str(other), allow_tokenizer_mismatch=True, num_tokens=300),
+        say=quiet,
+    )
     meta = PairedCache(tmp_path / "c").meta
     assert meta["tokenizer"]["mismatch"] and meta["tokenizer"]["base"] != meta["tokenizer"]["ft"]
 
 
-def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_after_interruption_matches_uninterrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     full = tmp_path / "full"
     collect(collect_config(full, num_tokens=1500), say=quiet)
     original = PairedCacheWriter._write_shard
@@ -166,7 +193,9 @@ def test_corrupted_or_truncated_shard_named_at_load(tmp_path: Path) -> None:
 
 def test_dry_run_prints_estimate_and_writes_nothing(tmp_path: Path) -> None:
     said: list[str] = []
-    est = collect(collect_config(tmp_path / "c", dtype="bfloat16", num_tokens=1_000_000, dry_run=True), say=said.append)
+    est = collect(
+        collect_config(tmp_path / "c", dtype="bfloat16", num_tokens=1_000_000, dry_run=True), say=said.append
+    )
     assert est["total_bytes"] == 1_000_000 * (2 * 32 * 2 + 24)
     assert any(s.startswith("disk estimate: 1,000,000 tokens x 2 models x 32 (bfloat16)") for s in said)
     assert not (tmp_path / "c").exists()
@@ -196,8 +225,10 @@ def test_max_norm_ratio_drops_positions_for_both_models(tmp_path: Path) -> None:
     assert f(torch.tensor([[2.5, 2.5], [3.5, 1.0]])).tolist() == [True, False]  # against the running median
     # On a whole (exhausted) dataset: the filtered cache is the plain one minus the dropped rows.
     plain = collect(collect_config(tmp_path / "a", dataset=str(mixed_lengths()), num_tokens=10**6), say=quiet)
-    filt = collect(collect_config(tmp_path / "b", dataset=str(mixed_lengths()), num_tokens=10**6,
-                                  max_norm_ratio=1.1), say=quiet)
+    filt = collect(
+        collect_config(tmp_path / "b", dataset=str(mixed_lengths()), num_tokens=10**6, max_norm_ratio=1.1),
+        say=quiet,
+    )
     assert plain["dropped"]["norm_outlier"] == 0 < filt["dropped"]["norm_outlier"]
     a, b = PairedCache(tmp_path / "a"), PairedCache(tmp_path / "b")
     assert b.n_rows == a.n_rows - filt["dropped"]["norm_outlier"]
@@ -231,7 +262,9 @@ def test_chat_messages_rendered_with_a_template(tmp_path: Path) -> None:
     assert texts[0] == tok.apply_chat_template(convo, tokenize=False) and "<|user|>" in texts[0]
     with pytest.raises(DataError, match="chat-template"):
         collect(collect_config(tmp_path / "a", dataset=str(chats)), say=quiet)
-    collect(collect_config(tmp_path / "b", dataset=str(chats), chat_template="base", num_tokens=50), say=quiet)
+    collect(
+        collect_config(tmp_path / "b", dataset=str(chats), chat_template="base", num_tokens=50), say=quiet
+    )
     assert PairedCache(tmp_path / "b").n_rows == 50
 
 
@@ -247,4 +280,4 @@ def test_datasets_by_file_folder_and_save_to_disk(tmp_path: Path) -> None:
     for spec in ("t.jsonl", "txt", "saved", "t.parquet"):
         assert list(iter_texts(load_text_dataset(str(tmp_path / spec)), "text")) == texts, spec
     with pytest.raises(DataError, match="no json/jsonl/parquet"):
-        load_text_dataset(str(tmp_path / "saved" / ".."  / "txt" / "*.csv"))
+        load_text_dataset(str(tmp_path / "saved" / ".." / "txt" / "*.csv"))

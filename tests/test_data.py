@@ -80,8 +80,23 @@ def test_loader_is_a_seeded_shuffle_with_disjoint_validation(tmp_path):
 
 def run_cli(capsys, *args):
     capsys.readouterr()
-    code = main(["train", "--wandb", "off", "--no-progress", "--num-tokens", "1024", "--batch-size", "128",
-                 "--val-tokens", "128", "--dict-size", "32", *args])
+    code = main(
+        [
+            "train",
+            "--wandb",
+            "off",
+            "--no-progress",
+            "--num-tokens",
+            "1024",
+            "--batch-size",
+            "128",
+            "--val-tokens",
+            "128",
+            "--dict-size",
+            "32",
+            *args,
+        ]
+    )
     err = capsys.readouterr().err.strip()
     return code, err
 
@@ -105,7 +120,9 @@ def test_trains_from_hf_pair_and_records_norm_scale(pair, capsys):
     assert cfg["norm_scale"] == pytest.approx([np.sqrt(8) / n for n in norms], rel=1e-5)
     assert np.asarray(cfg["norm_mean"]) == pytest.approx(np.stack(mus), abs=1e-6)
     # --no-norm-center: the plan's mean-inclusive scaling (E||x|| = sqrt(d_model)), no mean recorded.
-    code, err = run_cli(capsys, "--base-data", base, "--ft-data", ft, "--out", str(tmp / "run2"), "--no-norm-center")
+    code, err = run_cli(
+        capsys, "--base-data", base, "--ft-data", ft, "--out", str(tmp / "run2"), "--no-norm-center"
+    )
     assert code == 0, err
     cfg = json.loads((tmp / "run2" / "config.json").read_text())
     norms = [np.linalg.norm(x, axis=1).mean() for x in xs]
@@ -115,8 +132,9 @@ def test_trains_from_hf_pair_and_records_norm_scale(pair, capsys):
 
 def test_site_flag_names_the_site_of_an_hf_pair(pair, capsys):
     tmp, base, ft, a = pair
-    code, err = run_cli(capsys, "--base-data", base, "--ft-data", ft, "--out", str(tmp / "run"),
-                        "--site", "model.layers.13")
+    code, err = run_cli(
+        capsys, "--base-data", base, "--ft-data", ft, "--out", str(tmp / "run"), "--site", "model.layers.13"
+    )
     assert code == 0, err
     assert json.loads((tmp / "run" / "config.json").read_text())["site"] == "model.layers.13"
     from crosscoder import CrossCoder
@@ -124,14 +142,17 @@ def test_site_flag_names_the_site_of_an_hf_pair(pair, capsys):
     assert CrossCoder.from_pretrained(tmp / "run").cfg.site == "model.layers.13"
 
 
-@pytest.mark.parametrize("case,pattern", [
-    ("lengths", r"--base-data .* has 2000 rows but --ft-data .* has 1999"),
-    ("width", r"has d_model 8 but --ft-data .* has 6"),
-    ("nan", r"--ft-data .*: row 17 has non-finite values"),
-    ("column", r"--base-data .*: no column 'activation' \(columns: vec\)"),
-    ("empty", r"--base-data .*: dataset is empty"),
-    ("missing", r"--base-data .*: cannot load dataset"),
-])
+@pytest.mark.parametrize(
+    "case,pattern",
+    [
+        ("lengths", r"--base-data .* has 2000 rows but --ft-data .* has 1999"),
+        ("width", r"has d_model 8 but --ft-data .* has 6"),
+        ("nan", r"--ft-data .*: row 17 has non-finite values"),
+        ("column", r"--base-data .*: no column 'activation' \(columns: vec\)"),
+        ("empty", r"--base-data .*: dataset is empty"),
+        ("missing", r"--base-data .*: cannot load dataset"),
+    ],
+)
 def test_bad_inputs_one_line_exit_2_nothing_written(pair, capsys, case, pattern):
     tmp, base, ft, a = pair
     if case == "lengths":
@@ -167,7 +188,9 @@ def test_skip_nonfinite_counts_rows(pair, capsys):
     bad = a.copy()
     bad[[3, 500, 1999], 0] = np.inf
     ft = write_ds(tmp / "ft2", bad)
-    code, err = run_cli(capsys, "--base-data", base, "--ft-data", ft, "--out", str(tmp / "run"), "--skip-nonfinite")
+    code, err = run_cli(
+        capsys, "--base-data", base, "--ft-data", ft, "--out", str(tmp / "run"), "--skip-nonfinite"
+    )
     assert code == 0, err
     cfg = json.loads((tmp / "run" / "config.json").read_text())
     assert cfg["source"]["skipped_nonfinite"] == 3
@@ -198,9 +221,28 @@ def test_bad_config_file_and_unknown_key(tmp_path, capsys):
 def test_val_tokens_too_large_is_one_line_exit_2(pair, capsys):
     tmp, base, ft, a = pair
     capsys.readouterr()
-    code = main(["train", "--wandb", "off", "--no-progress", "--num-tokens", "1024", "--batch-size", "128",
-                 "--val-tokens", "1900", "--dict-size", "32", "--base-data", base, "--ft-data", ft,
-                 "--out", str(tmp / "run")])
+    code = main(
+        [
+            "train",
+            "--wandb",
+            "off",
+            "--no-progress",
+            "--num-tokens",
+            "1024",
+            "--batch-size",
+            "128",
+            "--val-tokens",
+            "1900",
+            "--dict-size",
+            "32",
+            "--base-data",
+            base,
+            "--ft-data",
+            ft,
+            "--out",
+            str(tmp / "run"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "val_tokens=1900" in err, err
     assert not (tmp / "run").exists()

@@ -46,14 +46,37 @@ def test_sites_lists_module_paths_with_shapes(capsys: pytest.CaptureFixture) -> 
     assert "tuple([B, T, 32], ...)" in capsys.readouterr().out
 
 
-def test_collect_train_cache_from_pretrained_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_collect_train_cache_from_pretrained_end_to_end(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from crosscoder.model import CrossCoder
 
     pair = tiny_pair()
     cache, run = tmp_path / "cache", tmp_path / "run"
-    args = ["collect", "--base-model", str(pair.base), "--ft-model", str(pair.ft), "--site", "transformer.h.1",
-            "--dataset", str(corpus()), "--num-tokens", "6000", "--seq-len", "32", "--batch-size", "16",
-            "--dtype", "bfloat16", "--out", str(cache), "--shard-mb", "0.1", "--no-progress"]
+    args = [
+        "collect",
+        "--base-model",
+        str(pair.base),
+        "--ft-model",
+        str(pair.ft),
+        "--site",
+        "transformer.h.1",
+        "--dataset",
+        str(corpus()),
+        "--num-tokens",
+        "6000",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "16",
+        "--dtype",
+        "bfloat16",
+        "--out",
+        str(cache),
+        "--shard-mb",
+        "0.1",
+        "--no-progress",
+    ]
     assert main(args + ["--dry-run"]) == 0 and not cache.exists()
     assert "disk estimate" in capsys.readouterr().out
     assert main(args) == 0
@@ -61,13 +84,45 @@ def test_collect_train_cache_from_pretrained_end_to_end(tmp_path: Path, capsys: 
     c = PairedCache(cache)
     assert c.n_rows == 6000 and c.dtype == "bfloat16" and len(c.meta["shards"]) > 1
     assert [m["name"] for m in c.meta["models"]] == [str(pair.base), str(pair.ft)]
-    assert main(["train", "--cache", str(cache), "--out", str(run), "--arch", "batchtopk", "--d-latent", "128",
-                 "--k", "8", "--num-tokens", "40000", "--batch-size", "256", "--lr", "3e-3", "--val-tokens", "512",
-                 "--wandb", "off", "--no-progress", "--val-every", "50", "--log-every", "50"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--cache",
+                str(cache),
+                "--out",
+                str(run),
+                "--arch",
+                "batchtopk",
+                "--d-latent",
+                "128",
+                "--k",
+                "8",
+                "--num-tokens",
+                "40000",
+                "--batch-size",
+                "256",
+                "--lr",
+                "3e-3",
+                "--val-tokens",
+                "512",
+                "--wandb",
+                "off",
+                "--no-progress",
+                "--val-every",
+                "50",
+                "--log-every",
+                "50",
+            ]
+        )
+        == 0
+    )
     model = CrossCoder.from_pretrained(run)
     assert model.cfg.model_names == [str(pair.base), str(pair.ft)] and model.cfg.site == "transformer.h.1"
     # centred on the cache's exact mean, then E||x - mu|| = sqrt(d_model) on a sample of rows
-    np.testing.assert_allclose(np.asarray(model.cfg.norm_mean), np.asarray(c.stats["mean"]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(model.cfg.norm_mean), np.asarray(c.stats["mean"]), rtol=1e-4, atol=1e-5
+    )
     xs = c.read(np.arange(c.n_rows)).double() - torch.tensor(c.stats["mean"], dtype=torch.float64)
     expect = [c.d_model**0.5 / float(v) for v in xs.norm(dim=-1).mean(0)]
     np.testing.assert_allclose(model.cfg.norm_scale, expect, rtol=1e-3)
@@ -77,14 +132,36 @@ def test_collect_train_cache_from_pretrained_end_to_end(tmp_path: Path, capsys: 
     assert ev > 0.1
 
 
-def test_export_writes_two_aligned_datasets_train_reads(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_export_writes_two_aligned_datasets_train_reads(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from crosscoder.data.hf import pair_to_cache
 
     pair = tiny_pair()
     cache = tmp_path / "cache"
-    assert main(["collect", "--base-model", str(pair.base), "--ft-model", str(pair.ft), "--site", "transformer.h.0",
-                 "--dataset", str(corpus()), "--num-tokens", "900", "--dtype", "float16", "--out", str(cache),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "collect",
+                "--base-model",
+                str(pair.base),
+                "--ft-model",
+                str(pair.ft),
+                "--site",
+                "transformer.h.0",
+                "--dataset",
+                str(corpus()),
+                "--num-tokens",
+                "900",
+                "--dtype",
+                "float16",
+                "--out",
+                str(cache),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert main(["export", str(cache), str(tmp_path / "hf")]) == 0
     assert "--base-data" in capsys.readouterr().out
     assert main(["export", str(cache), str(tmp_path / "hf")]) == 2  # exists
@@ -99,11 +176,27 @@ def test_export_writes_two_aligned_datasets_train_reads(tmp_path: Path, capsys: 
     np.testing.assert_array_equal(np.array(ds["token_id"]), c.read_index(rows)[:, 0])
 
 
-def test_demo_command_small(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_demo_command_small(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     tiny_pair()
     monkeypatch.setenv("CROSSCODER_CACHE_DIR", str(cache_root()))  # where tiny_pair() built the SMALL pair
-    assert main(["demo", "--small", "--out", str(tmp_path / "demo"), "--num-tokens", "5000", "--train-tokens",
-                 "20000", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--small",
+                "--out",
+                str(tmp_path / "demo"),
+                "--num-tokens",
+                "5000",
+                "--train-tokens",
+                "20000",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "== crosscoder demo ==" in out and "explained variance" in out and "L0" in out
     for label in ("base-only", "shared", "ft-only", "dead", "r histogram"):

@@ -11,9 +11,29 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ARGS = ["--num-tokens", str(256 * 30), "--batch-size", "256", "--dict-size", "128", "--k", "4",
-        "--val-tokens", "512", "--val-every", "10", "--log-every", "5", "--wandb", "off", "--no-progress",
-        "--dead-tokens", "1024", "--lr", "0.003"]
+ARGS = [
+    "--num-tokens",
+    str(256 * 30),
+    "--batch-size",
+    "256",
+    "--dict-size",
+    "128",
+    "--k",
+    "4",
+    "--val-tokens",
+    "512",
+    "--val-every",
+    "10",
+    "--log-every",
+    "5",
+    "--wandb",
+    "off",
+    "--no-progress",
+    "--dead-tokens",
+    "1024",
+    "--lr",
+    "0.003",
+]
 
 
 def env():
@@ -21,17 +41,34 @@ def env():
 
 
 def single(out, *extra):
-    r = subprocess.run([sys.executable, "-m", "crosscoder", "train", "--out", str(out), *ARGS, *extra],
-                       env=env(), capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "crosscoder", "train", "--out", str(out), *ARGS, *extra],
+        env=env(),
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
 
 
 def torchrun(out, *extra, nproc=2, wait=True):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "crosscoder", "train", "--out", str(out), *ARGS, *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "crosscoder",
+        "train",
+        "--out",
+        str(out),
+        *ARGS,
+        *extra,
+    ]
     if not wait:
-        return subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+        return subprocess.Popen(
+            cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
     r = subprocess.run(cmd, env=env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
@@ -92,12 +129,23 @@ def assert_same_weights(a, b, atol=1e-5):
 # * AuxK normalised by the rank's residual variance instead of the global one: aux_loss 0.4% off;
 # * dead-latent counters not all-reduced: dead_fraction and aux_loss differ from the first dead step.
 # Each is >= 35x past a tolerance (the first two by 1e4x on the weights), and the allowance of
-# MAX_FLIPPED latents cannot hide a systematic error, which moves every latent. --dead-tokens 256 (one step) makes latents dead from step 2 so that
-# AuxK and the dead counters run in distributed form within the 5 steps (batchtopk).
+# MAX_FLIPPED latents cannot hide a systematic error, which moves every latent. --dead-tokens 256
+# (one step) makes latents dead from step 2 so that AuxK and the dead counters run in distributed
+# form within the 5 steps (batchtopk).
 STEPS = 5
 MAX_FLIPPED = 4
-STEP_METRICS = ("loss", "l2_loss", "l1_loss", "l0_loss", "explained_variance", "explained_variance_A",
-                "explained_variance_B", "dead_fraction", "aux_loss", "grad_norm")
+STEP_METRICS = (
+    "loss",
+    "l2_loss",
+    "l1_loss",
+    "l0_loss",
+    "explained_variance",
+    "explained_variance_A",
+    "explained_variance_B",
+    "dead_fraction",
+    "aux_loss",
+    "grad_norm",
+)
 
 
 def flipped_latents(a, b, atol=1e-5, rtol=1e-4):
@@ -108,7 +156,7 @@ def flipped_latents(a, b, atol=1e-5, rtol=1e-4):
     h = wa["b_enc"].shape[0]
 
     def off(k):
-        return ((wa[k] - wb[k]).abs() > atol + rtol * wb[k].abs())
+        return (wa[k] - wb[k]).abs() > atol + rtol * wb[k].abs()
 
     assert not off("b_dec").any(), (wa["b_dec"] - wb["b_dec"]).abs().max()
     if "threshold" in wa:
@@ -123,8 +171,20 @@ def step_metrics(out):
 
 @pytest.mark.parametrize("arch", ["vanilla", "batchtopk"])
 def test_two_processes_match_one(tmp_path, arch):
-    extra = ["--arch", arch, "--aux-k", "16", "--num-tokens", str(256 * STEPS), "--log-every", "1",
-             "--val-every", str(STEPS), "--dead-tokens", "256"]
+    extra = [
+        "--arch",
+        arch,
+        "--aux-k",
+        "16",
+        "--num-tokens",
+        str(256 * STEPS),
+        "--log-every",
+        "1",
+        "--val-every",
+        str(STEPS),
+        "--dead-tokens",
+        "256",
+    ]
     single(tmp_path / "one", *extra)
     torchrun(tmp_path / "two", *extra)
     # rank 0 alone writes: one metrics line per log step
@@ -160,8 +220,12 @@ def test_kill_two_processes_then_resume_with_one(tmp_path):
     kill_tree(p.pid)  # torchrun starts its workers in sessions of their own: kill them one by one
     p.communicate()
     assert not (out / "model.safetensors").exists(), sorted(x.name for x in (out / "checkpoints").iterdir())
-    single_resume = subprocess.run([sys.executable, "-m", "crosscoder", "train", "--out", str(out), "--resume",
-                                    "--no-progress"], env=env(), capture_output=True, text=True)
+    single_resume = subprocess.run(
+        [sys.executable, "-m", "crosscoder", "train", "--out", str(out), "--resume", "--no-progress"],
+        env=env(),
+        capture_output=True,
+        text=True,
+    )
     assert single_resume.returncode == 0, single_resume.stderr[-2000:]
     assert_same_weights(tmp_path / "ref", out)
 
@@ -175,15 +239,44 @@ def test_distributed_collection_equals_single_process(tmp_path):
 
     pair = tiny_pair()
     single_out = tmp_path / "single"
-    cfg = collect_config(single_out, dataset=str(mixed_lengths()), num_tokens=1_000_000, seq_len=16,
-                         batch_size=4)
+    cfg = collect_config(
+        single_out, dataset=str(mixed_lengths()), num_tokens=1_000_000, seq_len=16, batch_size=4
+    )
     collect(cfg, say=lambda s: None)
     multi = tmp_path / "multi"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "crosscoder",
-           "collect", "--base-model", str(pair.base), "--ft-model", str(pair.ft), "--site", cfg.site,
-           "--dataset", cfg.dataset, "--out", str(multi), "--num-tokens", "1000000", "--seq-len", "16",
-           "--batch-size", "4", "--dtype", "float32", "--shard-mb", str(cfg.shard_mb), "--device", "cpu",
-           "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "crosscoder",
+        "collect",
+        "--base-model",
+        str(pair.base),
+        "--ft-model",
+        str(pair.ft),
+        "--site",
+        cfg.site,
+        "--dataset",
+        cfg.dataset,
+        "--out",
+        str(multi),
+        "--num-tokens",
+        "1000000",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "4",
+        "--dtype",
+        "float32",
+        "--shard-mb",
+        str(cfg.shard_mb),
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     r = subprocess.run(cmd, env=env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = PairedCache(single_out), PairedCache(multi)

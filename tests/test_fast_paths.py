@@ -54,12 +54,19 @@ def assert_same(r_d, r_f, dense: CrossCoder, fast: CrossCoder, rtol: float = 1e-
     torch.testing.assert_close(r_f.loss, r_d.loss, rtol=rtol, atol=1e-6)
     assert r_d.metrics.keys() == r_f.metrics.keys()
     for key in r_d.metrics:
-        torch.testing.assert_close(r_f.metrics[key].float(), r_d.metrics[key].float(), rtol=rtol, atol=1e-6,
-                                   msg=lambda m, key=key: f"metric {key}: {m}")
+        torch.testing.assert_close(
+            r_f.metrics[key].float(),
+            r_d.metrics[key].float(),
+            rtol=rtol,
+            atol=1e-6,
+            msg=lambda m, key=key: f"metric {key}: {m}",
+        )
     for n in PARAMS:
         g_d, g_f = getattr(dense, n).grad, getattr(fast, n).grad
         scale = g_d.abs().max().clamp_min(1e-6)
-        torch.testing.assert_close(g_f / scale, g_d / scale, rtol=0, atol=1e-5, msg=lambda m, n=n: f"grad {n}: {m}")
+        torch.testing.assert_close(
+            g_f / scale, g_d / scale, rtol=0, atol=1e-5, msg=lambda m, n=n: f"grad {n}: {m}"
+        )
     for name, v in dense.arch.state_dict().items():  # the architecture's own state (BatchTopK's threshold)
         assert torch.equal(fast.arch.state_dict()[name], v), name
     assert torch.equal(r_d.latents.fired(), r_f.latents.fired())
@@ -78,18 +85,23 @@ def test_no_aux(arch: str, method: str, l2: str) -> None:
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("arch", ["vanilla", "batchtopk"])
-@pytest.mark.parametrize("dead_frac,aux_k", [
-    (0.0, 16),    # nothing dead: AuxK loss exactly 0
-    (0.3, 4),     # few kept per row among many dead: sparse entries
-    (0.3, 64),    # dense sub-matrix over the dead columns with a per-row top-k mask
-    (0.02, 64),   # aux_k >= n_dead: every dead column kept
-    (1.0, 16),    # everything dead
-])
+@pytest.mark.parametrize(
+    "dead_frac,aux_k",
+    [
+        (0.0, 16),  # nothing dead: AuxK loss exactly 0
+        (0.3, 4),  # few kept per row among many dead: sparse entries
+        (0.3, 64),  # dense sub-matrix over the dead columns with a per-row top-k mask
+        (0.02, 64),  # aux_k >= n_dead: every dead column kept
+        (1.0, 16),  # everything dead
+    ],
+)
 def test_aux(arch: str, method: str, dead_frac: float, aux_k: int) -> None:
     m = make(arch)
     dead = torch.zeros(512, dtype=torch.bool)
-    dead[torch.randperm(512, generator=torch.Generator().manual_seed(5))[:int(dead_frac * 512)]] = True
-    r_d, r_f, dn, fs = run_pair(m, batch(), method, sparsity_coeff=0.5, aux_k=aux_k, aux_coeff=0.25, dead=dead)
+    dead[torch.randperm(512, generator=torch.Generator().manual_seed(5))[: int(dead_frac * 512)]] = True
+    r_d, r_f, dn, fs = run_pair(
+        m, batch(), method, sparsity_coeff=0.5, aux_k=aux_k, aux_coeff=0.25, dead=dead
+    )
     assert_same(r_d, r_f, dn, fs)
     if dead_frac == 0.0:
         assert float(r_f.metrics["aux_loss"]) == 0.0
@@ -344,7 +356,9 @@ def test_input_gradient(arch: str, method: str) -> None:
         mm = copy.deepcopy(m)
         mm.arch.select_method = method
         xx = x.clone().requires_grad_()
-        compute_loss(mm, xx, sparsity_coeff=0.5, aux_k=8, dead=torch.arange(512) % 3 == 0, fast=fast).loss.backward()
+        compute_loss(
+            mm, xx, sparsity_coeff=0.5, aux_k=8, dead=torch.arange(512) % 3 == 0, fast=fast
+        ).loss.backward()
         grads.append(xx.grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
 

@@ -32,7 +32,7 @@ def test_union_of_rank_selections_is_the_global_selection(method):
     flat, scores, kept, mask = arch.select_batch(pre, w, k * b, method, local)  # one process
     assert mask is None and flat.numel() == k * b
     single = set(flat.tolist())
-    halves = (pre[: b // 2], pre[b // 2:])
+    halves = (pre[: b // 2], pre[b // 2 :])
     # each rank's local top n_global candidates, padded to n_global, as select_batch sends them
     for half in halves:
         _, sc, _, _ = arch.select_batch(half, w, k * b, method, local)

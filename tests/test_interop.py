@@ -56,8 +56,15 @@ def assert_one_line_error(rc: int, err: str, *needles: str) -> None:
 # --------------------------------------------------------------------------------------- our models
 def make_model(arch: str = "vanilla", seed: int = 0) -> CrossCoder:
     g = torch.Generator().manual_seed(seed)
-    cfg = CrossCoderConfig(arch=arch, d_latent=H, k=K, d_model=D, n_models=M, model_names=["org/base", "org/chat"],
-                           site="model.layers.3")
+    cfg = CrossCoderConfig(
+        arch=arch,
+        d_latent=H,
+        k=K,
+        d_model=D,
+        n_models=M,
+        model_names=["org/base", "org/chat"],
+        site="model.layers.3",
+    )
     model = CrossCoder(cfg, generator=g)
     with torch.no_grad():
         model.W_enc.mul_(4.0)
@@ -71,9 +78,11 @@ def make_model(arch: str = "vanilla", seed: int = 0) -> CrossCoder:
 def make_run_dir(tmp_path: Path, arch: str = "batchtopk") -> tuple[Path, CrossCoder]:
     model = make_model(arch)
     run = tmp_path / "runs" / "x"
-    extra = {"train": {"lr": 0.001, "batch_size": 2048, "l1_coeff": 1.0},
-             "data": {"cache": "/data/cache"},
-             "metrics": {"val": {"fvu": 0.1234, "l0": 31.5}, "dead_frac": 0.02}}
+    extra = {
+        "train": {"lr": 0.001, "batch_size": 2048, "l1_coeff": 1.0},
+        "data": {"cache": "/data/cache"},
+        "metrics": {"val": {"fvu": 0.1234, "l0": 31.5}, "dead_frac": 0.02},
+    }
     model.save_pretrained(run, extra_config=extra)
     (run / "relative_norms.png").write_bytes(b"\x89PNG\r\n\x1a\nfake")
     return run, model
@@ -107,7 +116,9 @@ def test_model_card_content(tmp_path: Path) -> None:
     assert "`org/base` vs `org/chat`" in body and "| A (base) | org/base |" in body
     assert "`model.layers.3`" in body
     assert f"| d_latent | {H} |" in body and f"| d_model | {D} |" in body and "| k (mean active" in body
-    assert "## Training configuration" in body and "| lr | 0.001 |" in body and "| batch_size | 2048 |" in body
+    assert (
+        "## Training configuration" in body and "| lr | 0.001 |" in body and "| batch_size | 2048 |" in body
+    )
     assert "## Final metrics" in body and "| val.fvu | 0.1234 |" in body and "| dead_frac | 0.02 |" in body
     assert "![Relative decoder norms](relative_norms.png)" in body
     assert 'CrossCoder.from_pretrained("user/my-crosscoder")' in body
@@ -123,8 +134,12 @@ def test_push_to_local_dir_loads_back(tmp_path: Path, capsys: pytest.CaptureFixt
     run, model = make_run_dir(tmp_path)
     out = tmp_path / "staged"
     assert push_to_hub(run, "user/my-crosscoder", local_dir=out) == str(out)
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors",
-                                                     "relative_norms.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "relative_norms.png",
+    ]
     assert (out / "config.json").read_bytes() == (run / "config.json").read_bytes()
     loaded = CrossCoder.from_pretrained(out)
     x = rand_x(1)
@@ -147,8 +162,9 @@ def test_push_to_local_dir_loads_back(tmp_path: Path, capsys: pytest.CaptureFixt
     assert_one_line_error(rc, err, "already exists")
 
 
-def test_push_uploads_through_hfapi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                    capsys: pytest.CaptureFixture) -> None:
+def test_push_uploads_through_hfapi(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     import huggingface_hub
 
     calls: list[tuple[str, dict]] = []
@@ -170,6 +186,7 @@ def test_push_uploads_through_hfapi(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
             class Info:
                 commit_url = f"https://huggingface.co/{kw['repo_id']}/commit/abc"
+
             return Info()
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
@@ -204,29 +221,46 @@ def test_push_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
 
 
 def test_model_layer_does_not_import_interop() -> None:
-    code = ("import sys, crosscoder.model.crosscoder; "
-            "assert not any(m.startswith('crosscoder.interop') for m in sys.modules), 'interop imported'")
+    code = (
+        "import sys, crosscoder.model.crosscoder; "
+        "assert not any(m.startswith('crosscoder.interop') for m in sys.modules), 'interop imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # --------------------------------------------------------------------------------------- Kissane
 def kissane_weights(seed: int = 0) -> OrderedDict:
     g = torch.Generator().manual_seed(seed)
-    return OrderedDict(W_enc=torch.randn(M, D, H, generator=g) * 0.3, W_dec=torch.randn(H, M, D, generator=g) * 0.1,
-                       b_enc=torch.randn(H, generator=g) * 0.2, b_dec=torch.randn(M, D, generator=g))
+    return OrderedDict(
+        W_enc=torch.randn(M, D, H, generator=g) * 0.3,
+        W_dec=torch.randn(H, M, D, generator=g) * 0.1,
+        b_enc=torch.randn(H, generator=g) * 0.2,
+        b_dec=torch.randn(M, D, generator=g),
+    )
 
 
 def kissane_forward(sd: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kissane's forward on (already normalised) x [b, 2, d]: acts = relu(x.W_enc + b_enc), x_hat = acts.W_dec + b_dec."""
+    """Kissane's forward on (already normalised) x [b, 2, d]: acts = relu(x.W_enc + b_enc),
+    x_hat = acts.W_dec + b_dec."""
     acts = torch.relu(torch.einsum("bmd,mdh->bh", x, sd["W_enc"]) + sd["b_enc"])
     return torch.einsum("bh,hmd->bmd", acts, sd["W_dec"]) + sd["b_dec"], acts
 
 
 def write_kissane(folder: Path, sd: dict, version: int = 0, **cfg_over: object) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = {"seed": 49, "batch_size": 4096, "l1_coeff": 2, "d_in": D, "dict_size": H, "enc_dtype": "fp32",
-           "model_name": "gemma-2-2b", "site": "resid_pre", "dec_init_norm": 0.08,
-           "hook_point": "blocks.14.hook_resid_pre", **cfg_over}
+    cfg = {
+        "seed": 49,
+        "batch_size": 4096,
+        "l1_coeff": 2,
+        "d_in": D,
+        "dict_size": H,
+        "enc_dtype": "fp32",
+        "model_name": "gemma-2-2b",
+        "site": "resid_pre",
+        "dec_init_norm": 0.08,
+        "hook_point": "blocks.14.hook_resid_pre",
+        **cfg_over,
+    }
     torch.save(sd, folder / f"{version}.pt")
     (folder / f"{version}_cfg.json").write_text(json.dumps(cfg))
     return folder / f"{version}.pt"
@@ -254,8 +288,20 @@ def test_kissane_with_norm_scale_cli(tmp_path: Path, capsys: pytest.CaptureFixtu
     sd = kissane_weights(1)
     pt = write_kissane(tmp_path / "ck", sd, version=3)
     out = tmp_path / "converted"
-    rc, stdout, err = run_cli(capsys, "convert", "--from", "kissane", pt, out, "--norm-scale", "2.0", "0.25",
-                              "--model-names", "gemma-2-2b", "gemma-2-2b-it")
+    rc, stdout, err = run_cli(
+        capsys,
+        "convert",
+        "--from",
+        "kissane",
+        pt,
+        out,
+        "--norm-scale",
+        "2.0",
+        "0.25",
+        "--model-names",
+        "gemma-2-2b",
+        "gemma-2-2b-it",
+    )
     assert rc == 0, err
     assert "converted kissane" in stdout and "note:" not in err
     model = CrossCoder.from_pretrained(out)
@@ -268,7 +314,9 @@ def test_kissane_with_norm_scale_cli(tmp_path: Path, capsys: pytest.CaptureFixtu
     close(f, ref_f)
     close(x_hat, ref_hat / s)  # reconstructions come back in raw units
     meta = json.loads((out / "config.json").read_text())["converted_from"]
-    assert meta["format"] == "kissane" and meta["norm_scale_folded"] is True and meta["config"]["l1_coeff"] == 2
+    assert (
+        meta["format"] == "kissane" and meta["norm_scale_folded"] is True and meta["config"]["l1_coeff"] == 2
+    )
 
 
 def test_kissane_folder_layouts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -292,18 +340,23 @@ def test_kissane_folder_layouts(tmp_path: Path, capsys: pytest.CaptureFixture) -
 CODE_IDS = {"CROSSCODER": 1, "SAE": 2, "MIXED": 3, "NONE": 4, "DECOUPLED": 5}
 
 
-def dl_state_dict(seed: int = 0, batchtopk: bool = False, code: str = "CROSSCODER",
-                  normalizer: bool = False) -> dict[str, torch.Tensor]:
+def dl_state_dict(
+    seed: int = 0, batchtopk: bool = False, code: str = "CROSSCODER", normalizer: bool = False
+) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    sd = {"encoder.weight": torch.randn(M, D, H, generator=g) * 0.3, "encoder.bias": torch.randn(H, generator=g) * 0.1,
-          "decoder.weight": torch.randn(M, H, D, generator=g) * 0.2, "decoder.bias": torch.randn(M, D, generator=g),
-          "code_normalization_id": torch.tensor(CODE_IDS[code])}
+    sd = {
+        "encoder.weight": torch.randn(M, D, H, generator=g) * 0.3,
+        "encoder.bias": torch.randn(H, generator=g) * 0.1,
+        "decoder.weight": torch.randn(M, H, D, generator=g) * 0.2,
+        "decoder.bias": torch.randn(M, D, generator=g),
+        "code_normalization_id": torch.tensor(CODE_IDS[code]),
+    }
     std = torch.rand(M, D, generator=g) + 0.5
     if normalizer:
         sd["activation_mean"] = torch.randn(M, D, generator=g)
         sd["activation_std"] = std
         sd["target_rms"] = torch.tensor(1.0)
-        sd["activation_global_scale"] = sd["target_rms"] / torch.sqrt((std ** 2).sum(-1) + 1e-8)
+        sd["activation_global_scale"] = sd["target_rms"] / torch.sqrt((std**2).sum(-1) + 1e-8)
     else:  # dictionary_learning's "no normaliser" placeholders
         sd["activation_mean"] = torch.full((M, D), float("nan"))
         sd["activation_std"] = torch.full((M, D), float("nan"))
@@ -326,9 +379,11 @@ def dl_normalized(sd: dict) -> bool:
     return not (torch.isnan(sd["activation_mean"]).any() or torch.isnan(sd["activation_std"]).any())
 
 
-def dl_encode(sd: dict, x: torch.Tensor, code: str = "CROSSCODER",
-              batch_rule: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Their encode: normalise, f = relu(sum_l x_l W_l + b); BatchTopK keeps f * code > threshold (or batch top-k)."""
+def dl_encode(
+    sd: dict, x: torch.Tensor, code: str = "CROSSCODER", batch_rule: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Their encode: normalise, f = relu(sum_l x_l W_l + b); BatchTopK keeps f * code > threshold
+    (or batch top-k)."""
     if dl_normalized(sd):
         x = (x - sd["activation_mean"]) * sd["activation_global_scale"][None, :, None]
     f = torch.relu(torch.einsum("bld,ldh->bh", x, sd["encoder.weight"]) + sd["encoder.bias"])
@@ -384,9 +439,20 @@ def test_dictionary_learning_folder_with_normalizer(tmp_path: Path, capsys: pyte
     folder = tmp_path / "hub_model"
     folder.mkdir()
     save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({
-        "activation_dim": D, "dict_size": H, "num_layers": M, "k": K, "code_normalization": "CROSSCODER",
-        "norm_init_scale": 1.0, "target_rms": 1.0, "dict_class": "BatchTopKCrossCoder"}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "activation_dim": D,
+                "dict_size": H,
+                "num_layers": M,
+                "k": K,
+                "code_normalization": "CROSSCODER",
+                "norm_init_scale": 1.0,
+                "target_rms": 1.0,
+                "dict_class": "BatchTopKCrossCoder",
+            }
+        )
+    )
     out = tmp_path / "out"
     rc, _, err = run_cli(capsys, "convert", "--from", "dictionary_learning", folder, out, "--site", "layer13")
     assert rc == 0, err
@@ -403,8 +469,9 @@ def test_dictionary_learning_folder_with_normalizer(tmp_path: Path, capsys: pyte
 def test_dictionary_learning_unsupported(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     def check(sd: dict, *needles: str, extra: tuple = ()) -> None:
         torch.save(sd, tmp_path / "m.pt")
-        rc, _, err = run_cli(capsys, "convert", "--from", "dictionary_learning", tmp_path / "m.pt",
-                             tmp_path / "never", *extra)
+        rc, _, err = run_cli(
+            capsys, "convert", "--from", "dictionary_learning", tmp_path / "m.pt", tmp_path / "never", *extra
+        )
         assert_one_line_error(rc, err, *needles)
         assert not (tmp_path / "never").exists()
 
@@ -445,7 +512,9 @@ def test_convert_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     bad = dict(sd, b_dec=torch.zeros(M, D + 1))
     rc, _, err = run_cli(capsys, "convert", "--from", "kissane", write_kissane(tmp_path / "b2", bad), out)
     assert_one_line_error(rc, err, "'b_dec'", "shape")
-    rc, _, err = run_cli(capsys, "convert", "--from", "kissane", write_kissane(tmp_path / "b3", sd, d_in=D + 2), out)
+    rc, _, err = run_cli(
+        capsys, "convert", "--from", "kissane", write_kissane(tmp_path / "b3", sd, d_in=D + 2), out
+    )
     assert_one_line_error(rc, err, "d_in")
     assert not out.exists()
 
@@ -454,7 +523,9 @@ def test_convert_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     rc, _, err = run_cli(capsys, "convert", "--from", "kissane", pt, out, "--norm-scale", "2", "2")
     assert_one_line_error(rc, err, "already exists", "--overwrite")
     assert (out / "marker").exists()
-    rc, _, err = run_cli(capsys, "convert", "--from", "kissane", pt, out, "--norm-scale", "2", "2", "--overwrite")
+    rc, _, err = run_cli(
+        capsys, "convert", "--from", "kissane", pt, out, "--norm-scale", "2", "2", "--overwrite"
+    )
     assert rc == 0, err
     assert not (out / "marker").exists() and CrossCoder.from_pretrained(out).norm_scale.tolist() == [2.0, 2.0]
     assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []  # no temp leftovers

@@ -24,7 +24,9 @@ def tiny(**kw) -> CrossCoder:
         m.W_enc.zero_()
         m.W_enc[0, 0, :] = 1.0
         m.b_enc.copy_(torch.tensor([0.0, -1.0, 0.5]))
-        m.W_dec.copy_(torch.tensor([[[1.0], [2.0]], [[0.0], [1.0]], [[3.0], [0.0]]]))  # norms (1,2),(0,1),(3,0)
+        m.W_dec.copy_(
+            torch.tensor([[[1.0], [2.0]], [[0.0], [1.0]], [[3.0], [0.0]]])
+        )  # norms (1,2),(0,1),(3,0)
         m.b_dec.zero_()
         m.arch.log_threshold.copy_(torch.tensor([1.0, 0.5, 1.0]).log())
     return m.train()
@@ -37,7 +39,9 @@ def test_forward_and_step_penalty_by_hand() -> None:
     m = tiny()
     # pre = x_0 + b: row 0 (2.0, 1.0, 2.5), row 1 (0.9, -0.1, 1.4); thresholds (1.0, 0.5, 1.0)
     f = m.encode(X)
-    torch.testing.assert_close(f, torch.tensor([[2.0, 1.0, 2.5], [0.0, 0.0, 1.4]]))  # 1.0 > 0.5 passes; 0.9 < 1.0 does not
+    torch.testing.assert_close(
+        f, torch.tensor([[2.0, 1.0, 2.5], [0.0, 0.0, 1.4]])
+    )  # 1.0 > 0.5 passes; 0.9 < 1.0 does not
     out = compute_loss(m, X, sparsity_coeff=0.5, fast=False)
     # x_hat_m = f @ W_dec[:, m]: row 0 (2 + 0 + 7.5, 4 + 1 + 0) = (9.5, 5), row 1 (4.2, 0)
     l2 = ((9.5 - 2) ** 2 + (5 - 0) ** 2 + (4.2 - 0.9) ** 2 + (0 - 1) ** 2) / 2
@@ -56,7 +60,9 @@ def test_tanh_and_preact_by_hand() -> None:
     tanh = sum(math.tanh(2.0 * f[b][i] * w[i]) for b in range(2) for i in range(3)) / 2
     pre = [[2.0, 1.0, 2.5], [0.9, -0.1, 1.4]]
     theta = [1.0, 0.5, 1.0]
-    preact = sum(max(theta[i] - pre[b][i], 0.0) * w[i] for b in range(2) for i in range(3)) / 2  # (0.3 + 0.6) / 2
+    preact = (
+        sum(max(theta[i] - pre[b][i], 0.0) * w[i] for b in range(2) for i in range(3)) / 2
+    )  # (0.3 + 0.6) / 2
     assert float(out.metrics["sparsity_loss"]) == pytest.approx(tanh, rel=1e-6)
     assert float(out.metrics["preact_loss"]) == pytest.approx(0.1 * preact, rel=1e-6)
     l2 = float(out.metrics["l2_loss"])
@@ -64,9 +70,12 @@ def test_tanh_and_preact_by_hand() -> None:
 
 
 def test_straight_through_gradients_by_hand() -> None:
-    """d f / d theta = -(theta / eps) K((z - theta) / eps), d H / d theta = -(1 / eps) K(...), K = 1[|u| < 1/2]."""
+    """d f / d theta = -(theta / eps) K((z - theta) / eps), d H / d theta = -(1 / eps) K(...),
+    K = 1[|u| < 1/2]."""
     m = tiny()
-    z = torch.tensor([[1.2, 0.4, 3.0], [0.9, 0.6, 1.1]], requires_grad=True)  # eps 0.5: window |z - theta| < 0.25
+    z = torch.tensor(
+        [[1.2, 0.4, 3.0], [0.9, 0.6, 1.1]], requires_grad=True
+    )  # eps 0.5: window |z - theta| < 0.25
     f = m.arch.activate(z, m.arch.weight(), True)
     f.sum().backward(retain_graph=True)
     g_log = m.arch.log_threshold.grad.clone()  # d/dlog theta = theta * d/dtheta
@@ -107,9 +116,18 @@ def test_save_load_fold_keep_latents(tmp_path) -> None:
 def test_learns_the_builtin_pair(tmp_path) -> None:
     """On the built-in planted pair (2.75 active features per token) the thresholds rise until L0 is near the
     planted L0, with high explained variance and exclusive features found (the defaults' recipe)."""
-    cfg = RunConfig(model=CrossCoderConfig(arch="jumprelu", d_latent=512),
-                    train=TrainConfig(num_tokens=600_000, batch_size=512, l1_coeff=3.0, val_every=10**6, log_every=200,
-                                      wandb="off", progress=False))
+    cfg = RunConfig(
+        model=CrossCoderConfig(arch="jumprelu", d_latent=512),
+        train=TrainConfig(
+            num_tokens=600_000,
+            batch_size=512,
+            l1_coeff=3.0,
+            val_every=10**6,
+            log_every=200,
+            wandb="off",
+            progress=False,
+        ),
+    )
     metrics = run_training(cfg, tmp_path / "run")
     assert 2.0 < metrics["val/l0_loss"] < 6.0, metrics["val/l0_loss"]
     assert metrics["val/explained_variance"] > 0.93
@@ -119,14 +137,53 @@ def test_learns_the_builtin_pair(tmp_path) -> None:
 
 def test_cli_plain_flags(tmp_path) -> None:
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "crosscoder", "train", "--arch", "jumprelu", "--jumprelu-sparsity",
-                        "tanh", "--jumprelu-preact-coeff", "0.01", "--d-latent", "128", "--num-tokens", "20000",
-                        "--batch-size", "256", "--out", str(out), "--wandb", "off", "--no-progress"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "crosscoder",
+            "train",
+            "--arch",
+            "jumprelu",
+            "--jumprelu-sparsity",
+            "tanh",
+            "--jumprelu-preact-coeff",
+            "0.01",
+            "--d-latent",
+            "128",
+            "--num-tokens",
+            "20000",
+            "--batch-size",
+            "256",
+            "--out",
+            str(out),
+            "--wandb",
+            "off",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["jumprelu_sparsity"] == "tanh" and cfg["jumprelu_preact_coeff"] == 0.01
-    bad = subprocess.run([sys.executable, "-m", "crosscoder", "train", "--arch", "jumprelu", "--jumprelu-bandwidth",
-                          "0", "--out", str(tmp_path / "bad")], capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "crosscoder",
+            "train",
+            "--arch",
+            "jumprelu",
+            "--jumprelu-bandwidth",
+            "0",
+            "--out",
+            str(tmp_path / "bad"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert "jumprelu_bandwidth" in (bad.stderr + bad.stdout)

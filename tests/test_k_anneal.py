@@ -54,12 +54,18 @@ def test_current_k():
     assert off.current_k(StepInput(progress=0.0)) == 4  # annealing off: progress is not read
 
 
-@pytest.mark.parametrize("fields,start", [
-    ({"k": 8, "k_anneal_frac": 0.5, "k_anneal_start": 4}, "k_anneal_start: must be at least k (8), got 4"),
-    ({"k": 8, "k_anneal_start": 7}, "k_anneal_start: must be at least k (8), got 7"),
-    ({"k_anneal_frac": 1.5}, "k_anneal_frac: must be in [0, 1], got 1.5"),
-    ({"k_anneal_frac": -0.1}, "k_anneal_frac: must be in [0, 1], got -0.1"),
-])
+@pytest.mark.parametrize(
+    "fields,start",
+    [
+        (
+            {"k": 8, "k_anneal_frac": 0.5, "k_anneal_start": 4},
+            "k_anneal_start: must be at least k (8), got 4",
+        ),
+        ({"k": 8, "k_anneal_start": 7}, "k_anneal_start: must be at least k (8), got 7"),
+        ({"k_anneal_frac": 1.5}, "k_anneal_frac: must be in [0, 1], got 1.5"),
+        ({"k_anneal_frac": -0.1}, "k_anneal_frac: must be in [0, 1], got -0.1"),
+    ],
+)
 @pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
 def test_bad_anneal_config_refused(arch, fields, start):
     cfg = CrossCoderConfig(arch=arch, d_latent=64, n_models=2, d_model=4, **fields)
@@ -69,8 +75,24 @@ def test_bad_anneal_config_refused(arch, fields, start):
 
 
 def test_cli_refuses_start_below_k(tmp_path, capsys):
-    rc = main(["train", "--k", "8", "--k-anneal-frac", "0.5", "--k-anneal-start", "4", "--arch", "batchtopk",
-               "--out", str(tmp_path / "bad"), "--wandb", "off", "--no-progress"])
+    rc = main(
+        [
+            "train",
+            "--k",
+            "8",
+            "--k-anneal-frac",
+            "0.5",
+            "--k-anneal-start",
+            "4",
+            "--arch",
+            "batchtopk",
+            "--out",
+            str(tmp_path / "bad"),
+            "--wandb",
+            "off",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err == ["error: k_anneal_start: must be at least k (8), got 4"]
     assert not (tmp_path / "bad").exists()
@@ -82,9 +104,32 @@ def test_training_log_follows_the_schedule(tmp_path):
     from the middle on."""
     out = tmp_path / "run"
     total = 40
-    rc = main(["train", "--arch", "batchtopk", "--k", "4", "--k-anneal-frac", "0.5", "--d-latent", "128",
-               "--num-tokens", str(256 * total), "--batch-size", "256", "--log-every", "1", "--val-tokens", "512",
-               "--out", str(out), "--wandb", "off", "--no-progress"])
+    rc = main(
+        [
+            "train",
+            "--arch",
+            "batchtopk",
+            "--k",
+            "4",
+            "--k-anneal-frac",
+            "0.5",
+            "--d-latent",
+            "128",
+            "--num-tokens",
+            str(256 * total),
+            "--batch-size",
+            "256",
+            "--log-every",
+            "1",
+            "--val-tokens",
+            "512",
+            "--out",
+            str(out),
+            "--wandb",
+            "off",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     l0 = {r["step"]: r["l0_loss"] for r in rows if "l0_loss" in r}
@@ -117,8 +162,12 @@ def make(arch: str, h: int = 512, d: int = 32, k: int = 8, **kw) -> CrossCoder:
 def test_fast_matches_dense_mid_anneal(arch, method, aux):
     m = make(arch, prefixes="32,128") if arch == "matryoshka" else make(arch)
     x = torch.randn(64, 2, 32, generator=torch.Generator().manual_seed(2))
-    inp = StepInput(progress=0.25, aux_k=16 if aux else 0, aux_coeff=0.25,
-                    dead=torch.arange(512) % 4 == 0 if aux else None)
+    inp = StepInput(
+        progress=0.25,
+        aux_k=16 if aux else 0,
+        aux_coeff=0.25,
+        dead=torch.arange(512) % 4 == 0 if aux else None,
+    )
     dense, fast = copy.deepcopy(m), copy.deepcopy(m)
     fast.arch.select_method = method
     r_d, r_f = compute_loss(dense, x, inp, fast=False), compute_loss(fast, x, inp, fast=True)
@@ -129,32 +178,60 @@ def test_fast_matches_dense_mid_anneal(arch, method, aux):
     torch.testing.assert_close(r_f.f, r_d.f, rtol=1e-6, atol=1e-7)
     assert r_d.metrics.keys() == r_f.metrics.keys()
     for key in r_d.metrics:
-        torch.testing.assert_close(r_f.metrics[key].float(), r_d.metrics[key].float(), rtol=1e-5, atol=1e-6,
-                                   msg=lambda msg, key=key: f"metric {key}: {msg}")
+        torch.testing.assert_close(
+            r_f.metrics[key].float(),
+            r_d.metrics[key].float(),
+            rtol=1e-5,
+            atol=1e-6,
+            msg=lambda msg, key=key: f"metric {key}: {msg}",
+        )
     for n in PARAMS:
         g_d, g_f = getattr(dense, n).grad, getattr(fast, n).grad
         scale = g_d.abs().max().clamp_min(1e-6)
-        torch.testing.assert_close(g_f / scale, g_d / scale, rtol=0, atol=1e-5, msg=lambda msg, n=n: f"grad {n}: {msg}")
+        torch.testing.assert_close(
+            g_f / scale, g_d / scale, rtol=0, atol=1e-5, msg=lambda msg, n=n: f"grad {n}: {msg}"
+        )
     assert torch.equal(dense.arch.threshold, fast.arch.threshold)
 
 
 @pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
 def test_resume_mid_anneal_is_bit_for_bit(tmp_path, arch):
-    t = TrainConfig(num_tokens=256 * 40, batch_size=256, val_tokens=512, val_every=0, log_every=5, save_every=0,
-                    wandb="off", progress=False, dead_tokens=2000, seed=3, aux_k=16)
-    cfg = RunConfig(model=CrossCoderConfig(arch=arch, d_latent=128, k=4, k_anneal_frac=0.5, k_anneal_start=12,
-                                           prefixes="16,64"), train=t)
+    t = TrainConfig(
+        num_tokens=256 * 40,
+        batch_size=256,
+        val_tokens=512,
+        val_every=0,
+        log_every=5,
+        save_every=0,
+        wandb="off",
+        progress=False,
+        dead_tokens=2000,
+        seed=3,
+        aux_k=16,
+    )
+    cfg = RunConfig(
+        model=CrossCoderConfig(
+            arch=arch, d_latent=128, k=4, k_anneal_frac=0.5, k_anneal_start=12, prefixes="16,64"
+        ),
+        train=t,
+    )
     full = run_training(cfg, tmp_path / "full")
     with pytest.raises(Interrupted):
         run_training(cfg, tmp_path / "cut", stop_after_steps=13)  # progress 13/40 < 0.5: mid-anneal
     resumed = run_training(cfg, tmp_path / "cut", resume=True)
-    a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "full" / "model.safetensors")),
+        load_file(str(tmp_path / "cut" / "model.safetensors")),
+    )
     assert set(a) == set(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert resumed["loss"] == full["loss"]
-    l0 = {r["step"]: r["l0_loss"] for r in map(json.loads, (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines())
-          if "l0_loss" in r}
+    l0 = {
+        r["step"]: r["l0_loss"]
+        for r in map(json.loads, (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines())
+        if "l0_loss" in r
+    }
     # logged means over 5 steps: steps 1-5 keep 12, 12, 11, 11, 10 (k from 12 to 4 over the first 20 steps)
     assert l0[5] == pytest.approx(sum(annealed_k(4, 12, 0.5, s / 40) for s in range(5)) / 5, abs=0.05)
     assert l0[40] == pytest.approx(4.0, abs=0.05)

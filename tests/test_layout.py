@@ -37,8 +37,18 @@ LAYOUT = dict(dedicated_base=NB, dedicated_ft=NF, shared_latents=NS, shared_spar
 
 
 def small_cfg(arch: str = "vanilla", **train) -> RunConfig:
-    t = dict(num_tokens=256 * 30, batch_size=256, val_tokens=512, val_every=0, log_every=5, save_every=0,
-             wandb="off", progress=False, dead_tokens=2000, seed=3)
+    t = dict(
+        num_tokens=256 * 30,
+        batch_size=256,
+        val_tokens=512,
+        val_every=0,
+        log_every=5,
+        save_every=0,
+        wandb="off",
+        progress=False,
+        dead_tokens=2000,
+        seed=3,
+    )
     t.update(train)
     return RunConfig(model=CrossCoderConfig(arch=arch, d_latent=128, k=4, **LAYOUT), train=TrainConfig(**t))
 
@@ -66,7 +76,7 @@ def check_saved_layout(w: dict[str, torch.Tensor], norm_scale: list[float]) -> N
     # ... and within one float32 ulp in float64
     t64 = w_dec[s].double() * torch.tensor(norm_scale, dtype=torch.float64)[None, :, None]
     rel = (t64[:, 0] - t64[:, 1]).abs() / t64[:, 0].abs().clamp_min(1e-30)
-    assert float(rel.max()) <= 2.0 ** -23
+    assert float(rel.max()) <= 2.0**-23
     # the folded copies differ (the folding really divided by different factors)
     assert not torch.equal(w_dec[s, 0], w_dec[s, 1])
 
@@ -81,7 +91,12 @@ def test_layout_ranges_kinds_masks_and_factor():
     assert mask[:2].tolist() == [[1, 0]] * 2 and mask[2:5].tolist() == [[0, 1]] * 3 and (mask[5:] == 1).all()
     assert lay.sparsity_scale().tolist() == pytest.approx([1] * 5 + [0.1] * 4 + [1] * 3)
     d = lay.describe()
-    assert d["ranges"] == {"base_only": [0, 2], "ft_only": [2, 5], "designated_shared": [5, 9], "free": [9, 12]}
+    assert d["ranges"] == {
+        "base_only": [0, 2],
+        "ft_only": [2, 5],
+        "designated_shared": [5, 9],
+        "free": [9, 12],
+    }
     assert d["free"] == 3 and lay.constrained
     assert not LatentLayout(12, 2).constrained and LatentLayout(12, 2).model_mask() is None
 
@@ -114,7 +129,7 @@ def _hand_loss(model: CrossCoder, x: torch.Tensor, w_dec: torch.Tensor, coeff: f
     f = torch.relu(x.reshape(b, -1) @ model.W_enc.reshape(-1, h) + model.b_enc)
     x_hat = (f @ w_dec.reshape(h, -1)).view_as(x) + model.b_dec
     factor = torch.ones(h)
-    factor[NB + NF:NB + NF + NS] = 0.25
+    factor[NB + NF : NB + NF + NS] = 0.25
     weight = w_dec.norm(dim=-1).sum(-1) * factor
     return (x - x_hat).pow(2).sum((1, 2)).mean() + coeff * (f * weight).sum(-1).mean()
 
@@ -130,9 +145,9 @@ def test_vanilla_loss_by_hand_and_tied_gradient(fast):
     x = torch.randn(32, 2, 16)
     out = compute_loss(model, x, sparsity_coeff=2.0, fast=fast)
     # the one shared vector as a leaf: W_dec's tied rows are that vector in both models
-    v = model.W_dec.detach()[NB + NF:NB + NF + NS, 0].clone().requires_grad_(True)
+    v = model.W_dec.detach()[NB + NF : NB + NF + NS, 0].clone().requires_grad_(True)
     rest = model.W_dec.detach().clone()
-    w_dec = torch.cat([rest[:NB + NF], v[:, None].expand(-1, 2, -1), rest[NB + NF + NS:]])
+    w_dec = torch.cat([rest[: NB + NF], v[:, None].expand(-1, 2, -1), rest[NB + NF + NS :]])
     ref = _hand_loss(model, x, w_dec, 2.0)
     torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-4)
     assert out.metrics["l1_loss"] > 0
@@ -140,10 +155,10 @@ def test_vanilla_loss_by_hand_and_tied_gradient(fast):
     out.loss.backward()
     model.constrain_grads()
     (g_v,) = torch.autograd.grad(ref, v)
-    g = model.W_dec.grad[NB + NF:NB + NF + NS]
+    g = model.W_dec.grad[NB + NF : NB + NF + NS]
     torch.testing.assert_close(g[:, 0], g_v, rtol=1e-4, atol=1e-5)
     assert torch.equal(g[:, 0], g[:, 1])
-    assert bits_zero(model.W_dec.grad[:NB, 1]) and bits_zero(model.W_enc.grad[0, :, NB:NB + NF])
+    assert bits_zero(model.W_dec.grad[:NB, 1]) and bits_zero(model.W_enc.grad[0, :, NB : NB + NF])
 
 
 def test_batchtopk_selection_scores_are_divided_by_the_factor():
@@ -154,7 +169,7 @@ def test_batchtopk_selection_scores_are_divided_by_the_factor():
     pre = model.encode_pre(x).detach()
     w = model.dec_norms().detach().sum(-1)
     factor = torch.ones(128)
-    factor[NB + NF:NB + NF + NS] = 0.25
+    factor[NB + NF : NB + NF + NS] = 0.25
     scores = torch.relu(pre) * w / factor
     keep = torch.zeros_like(scores).flatten()
     keep[scores.flatten().topk(4 * 64).indices] = 1.0
@@ -177,7 +192,11 @@ def test_every_architecture_weights_and_constrains(arch):
     cfg = CrossCoderConfig(arch=arch, d_latent=128, d_model=16, k=4, **LAYOUT)
     model = CrossCoder(cfg, generator=torch.Generator().manual_seed(0)).train()
     lw, scale = model.latent_weight(), model.sparsity_scale
-    assert scale[NB + NF:NB + NF + NS].eq(0.25).all() and scale[:NB + NF].eq(1).all() and scale[NB + NF + NS:].eq(1).all()
+    assert (
+        scale[NB + NF : NB + NF + NS].eq(0.25).all()
+        and scale[: NB + NF].eq(1).all()
+        and scale[NB + NF + NS :].eq(1).all()
+    )
     if isinstance(model.arch, BatchTopK):
         torch.testing.assert_close(model.arch.weight(), lw / scale)
     elif model.arch.penalty_name is not None:
@@ -193,8 +212,10 @@ def test_every_architecture_weights_and_constrains(arch):
     assert v == {"forbidden_enc": 0.0, "forbidden_dec": 0.0, "tied_dec": 0.0}, v
 
 
-@pytest.mark.parametrize("scales", [[5.788922309875488, 5.5888543128967285], [0.3, 7.1], [1.0, 3.0], [0.017, 123.4],
-                                    [1.37, 2.91, 0.55]])
+@pytest.mark.parametrize(
+    "scales",
+    [[5.788922309875488, 5.5888543128967285], [0.3, 7.1], [1.0, 3.0], [0.017, 123.4], [1.37, 2.91, 0.55]],
+)
 def test_exact_fold_property(scales):
     torch.manual_seed(4)
     s = torch.tensor(scales)
@@ -267,7 +288,10 @@ def test_resume_with_layout_is_bit_for_bit(tmp_path, arch):
         run_training(cfg, tmp_path / "cut", stop_after_steps=9)
     assert [s for s, _ in list_checkpoints(tmp_path / "cut")] == [6, 9]
     run_training(cfg, tmp_path / "cut", resume=True)
-    a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "full" / "model.safetensors")),
+        load_file(str(tmp_path / "cut" / "model.safetensors")),
+    )
     assert set(a) == set(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -277,14 +301,35 @@ def test_resume_with_layout_is_bit_for_bit(tmp_path, arch):
 # ---------------------------------------------------------------------------------------------- command line
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--dedicated-base", "100", "--dedicated-ft", "20", "--shared-latents", "20"], "exceeds d_latent (128)"),
-    (["--dedicated-ft", "-1"], "dedicated_ft: must be >= 0"),
-    (["--shared-latents", "-4"], "shared_latents: must be >= 0"),
-    (["--shared-latents", "4", "--shared-sparsity-coeff", "0"], "shared_sparsity_coeff: must be positive"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--dedicated-base", "100", "--dedicated-ft", "20", "--shared-latents", "20"],
+            "exceeds d_latent (128)",
+        ),
+        (["--dedicated-ft", "-1"], "dedicated_ft: must be >= 0"),
+        (["--shared-latents", "-4"], "shared_latents: must be >= 0"),
+        (
+            ["--shared-latents", "4", "--shared-sparsity-coeff", "0"],
+            "shared_sparsity_coeff: must be positive",
+        ),
+    ],
+)
 def test_cli_config_errors_are_one_line(tmp_path, capsys, flags, message):
-    rc = main(["train", "--d-latent", "128", "--out", str(tmp_path / "run"), "--wandb", "off", "--no-progress", *flags])
+    rc = main(
+        [
+            "train",
+            "--d-latent",
+            "128",
+            "--out",
+            str(tmp_path / "run"),
+            "--wandb",
+            "off",
+            "--no-progress",
+            *flags,
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err and "Traceback" not in err
@@ -293,12 +338,42 @@ def test_cli_config_errors_are_one_line(tmp_path, capsys, flags, message):
 
 def test_cli_plain_flags_train(tmp_path):
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "crosscoder", "train", "--dedicated-base", "16", "--dedicated-ft", "16",
-                        "--shared-latents", "32", "--num-tokens", "20000", "--batch-size", "256", "--d-latent", "256",
-                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "crosscoder",
+            "train",
+            "--dedicated-base",
+            "16",
+            "--dedicated-ft",
+            "16",
+            "--shared-latents",
+            "32",
+            "--num-tokens",
+            "20000",
+            "--batch-size",
+            "256",
+            "--d-latent",
+            "256",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     cfg = json.loads((out / "config.json").read_text())
-    assert (cfg["dedicated_base"], cfg["dedicated_ft"], cfg["shared_latents"], cfg["shared_sparsity_coeff"]) == (16, 16, 32, 0.1)
+    assert (
+        cfg["dedicated_base"],
+        cfg["dedicated_ft"],
+        cfg["shared_latents"],
+        cfg["shared_sparsity_coeff"],
+    ) == (16, 16, 32, 0.1)
     model = CrossCoder.from_pretrained(out)
     assert model.layout.violations(model.W_enc, model.W_dec, model.norm_scale) == {
-        "forbidden_enc": 0.0, "forbidden_dec": 0.0, "tied_dec": 0.0}
+        "forbidden_enc": 0.0,
+        "forbidden_dec": 0.0,
+        "tied_dec": 0.0,
+    }

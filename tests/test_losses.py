@@ -28,8 +28,12 @@ def tiny(arch="vanilla", **kw):
     return m
 
 
-X = torch.tensor([[[1.0, 1.0], [0.0, 1.0]],   # f = [1, 2]
-                  [[2.0, -3.0], [0.0, 0.0]]])  # f = [2, 0]
+X = torch.tensor(
+    [
+        [[1.0, 1.0], [0.0, 1.0]],  # f = [1, 2]
+        [[2.0, -3.0], [0.0, 0.0]],
+    ]
+)  # f = [2, 0]
 
 
 def test_forward_by_hand():
@@ -76,28 +80,36 @@ def test_explained_variance_names_beyond_two_models():
     x = torch.randn(8, 3, 4)
     m = reconstruction_metrics(x, x * 0.5)
     assert {"explained_variance_A", "explained_variance_B", "explained_variance_C"} <= set(m)
-    assert m["explained_variance_C"].item() == pytest.approx(1 - ((x[:, 2] * 0.5) ** 2).sum().item()
-                                                              / ((x[:, 2] - x[:, 2].mean(0)) ** 2).sum().item(), rel=1e-5)
+    assert m["explained_variance_C"].item() == pytest.approx(
+        1 - ((x[:, 2] * 0.5) ** 2).sum().item() / ((x[:, 2] - x[:, 2].mean(0)) ** 2).sum().item(), rel=1e-5
+    )
 
 
 # token 0 as in X; token 1 gives f = [2, 0]: residuals e = x - x_hat (flattened) of opposite signs in
 # model 1 so the centred variance is well above the floor (AuxK's ordinary regime)
-X_AUX = torch.tensor([[[1.0, 1.0], [0.0, 1.0]],    # f = [1, 2], x_hat (1, 4 | 0, 2), e (0, -3 | 0, -1)
-                      [[2.0, -1.0], [0.0, 1.0]]])  # f = [2, 0], x_hat (2, 0 | 0, 0), e (0, -1 | 0, 1)
+X_AUX = torch.tensor(
+    [
+        [[1.0, 1.0], [0.0, 1.0]],  # f = [1, 2], x_hat (1, 4 | 0, 2), e (0, -3 | 0, -1)
+        [[2.0, -1.0], [0.0, 1.0]],
+    ]
+)  # f = [2, 0], x_hat (2, 0 | 0, 0), e (0, -1 | 0, 1)
 
 
 @pytest.mark.parametrize("fast", [True, False])
-@pytest.mark.parametrize("dead,aux_k,expected", [
-    # only latent 0 dead: e_hat = relu(pre_0) W_dec[0]: token0 (1, 0 | 0, 0), token1 (2, 0 | 0, 0)
-    # SSE = token0 |(-1, -3 | 0, -1)|^2 + token1 |(-2, -1 | 0, 1)|^2 = 11 + 6
-    ([True, False], 1, 17 / 4),
-    # both dead, aux_k 1: each token's larger pre among the dead: token0 latent 1 (pre 2) -> e_hat
-    # 2 (0, 2 | 0, 1) = (0, 4 | 0, 2), |(0, -7 | 0, -3)|^2 = 58; token1 latent 0 (pre 2 > 0) -> 6
-    ([True, True], 1, 64 / 4),
-    # both dead, aux_k 2: token0 e_hat (1, 4 | 0, 2): |(-1, -7 | 0, -3)|^2 = 59; token1 (latent 1 has
-    # pre 0) as before: 6
-    ([True, True], 2, 65 / 4),
-])
+@pytest.mark.parametrize(
+    "dead,aux_k,expected",
+    [
+        # only latent 0 dead: e_hat = relu(pre_0) W_dec[0]: token0 (1, 0 | 0, 0), token1 (2, 0 | 0, 0)
+        # SSE = token0 |(-1, -3 | 0, -1)|^2 + token1 |(-2, -1 | 0, 1)|^2 = 11 + 6
+        ([True, False], 1, 17 / 4),
+        # both dead, aux_k 1: each token's larger pre among the dead: token0 latent 1 (pre 2) -> e_hat
+        # 2 (0, 2 | 0, 1) = (0, 4 | 0, 2), |(0, -7 | 0, -3)|^2 = 58; token1 latent 0 (pre 2 > 0) -> 6
+        ([True, True], 1, 64 / 4),
+        # both dead, aux_k 2: token0 e_hat (1, 4 | 0, 2): |(-1, -7 | 0, -3)|^2 = 59; token1 (latent 1 has
+        # pre 0) as before: 6
+        ([True, True], 2, 65 / 4),
+    ],
+)
 def test_aux_loss_by_hand(fast, dead, aux_k, expected):
     """AuxK through the trainer's path (compute_loss with aux_k and dead), fast and dense alike.
 
@@ -142,10 +154,12 @@ def test_aux_loss_distributed_equals_global():
     assert aux_loss_from(e_hat, e, None).item() == pytest.approx(17 / 4)
     sent = []
     for r in range(2):  # what each rank sends to the all-reduce
-        aux_loss_from(e_hat[r:r + 1], e[r:r + 1], None, dist_sum=lambda t: sent.append(t) or t)
+        aux_loss_from(e_hat[r : r + 1], e[r : r + 1], None, dist_sum=lambda t: sent.append(t) or t)
     total = sent[0] + sent[1]
-    per_rank = [aux_loss_from(e_hat[r:r + 1], e[r:r + 1], None, dist_sum=lambda t: total, world_size=2)
-                for r in range(2)]
+    per_rank = [
+        aux_loss_from(e_hat[r : r + 1], e[r : r + 1], None, dist_sum=lambda t: total, world_size=2)
+        for r in range(2)
+    ]
     assert (sum(per_rank) / 2).item() == pytest.approx(17 / 4)
     # identical rows on both ranks: global centred variance 0, floor U / 10 = 2 * 10 / 10 = 2
     same = [aux_loss_from(e_hat[:1], e[:1], None, dist_sum=lambda t: 2 * t, world_size=2) for _ in range(2)]

@@ -25,7 +25,7 @@ PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 METHODS = ("threshold", "topk")
 
 
-# ---------------------------------------------------------------------------------------------- options
+# ------------------------------------------------------------------------------------------ options
 def test_prefix_defaults_and_parsing():
     assert prefix_sizes("", 256) == (16, 64, 256)
     assert prefix_sizes("", 8) == (2, 8)  # 8 // 16 = 0 dropped
@@ -35,24 +35,40 @@ def test_prefix_defaults_and_parsing():
     assert prefix_sizes([4, 8], 16) == (4, 8, 16)  # a list from a config file
     assert prefix_weights(None, 3) == (1.0, 1.0, 1.0)
     assert prefix_weights("2,0.5,3", 3) == (2.0, 0.5, 3.0)
-    assert prefix_weights("2,0.5", 3) == (2.0, 0.5, 1.0)  # one per listed prefix: the full dictionary weighs 1
+    assert prefix_weights("2,0.5", 3) == (
+        2.0,
+        0.5,
+        1.0,
+    )  # one per listed prefix: the full dictionary weighs 1
 
 
-@pytest.mark.parametrize("fields,start", [
-    ({"prefixes": "300,100"}, "prefixes: sizes must be strictly increasing"),
-    ({"prefixes": "64,64"}, "prefixes: sizes must be strictly increasing"),
-    ({"prefixes": "0,64"}, "prefixes: sizes must be positive"),
-    ({"prefixes": "-4"}, "prefixes: sizes must be positive"),
-    ({"prefixes": "300"}, "prefixes: 300 exceeds d_latent (256)"),
-    ({"prefixes": "a,b"}, "prefixes: expected comma-separated integers"),
-    ({"prefixes": "32,128", "prefix_weights": "1"}, "prefix_weights: expected 3 weights"),
-    ({"prefixes": "32,128", "prefix_weights": "1,1,1,1"}, "prefix_weights: expected 3 weights"),
-    ({"prefixes": "32,128", "prefix_weights": "1,-1,1"}, "prefix_weights: weights must be finite and >= 0"),
-    ({"prefixes": "32,128", "prefix_weights": "1,nan,1"}, "prefix_weights: weights must be finite and >= 0"),
-    ({"prefixes": "32,128", "prefix_weights": "0,0,0"}, "prefix_weights: at least one weight must be positive"),
-    ({"prefix_weights": "x"}, "prefix_weights: expected comma-separated numbers"),
-    ({"k_anneal_start": 2}, "k_anneal_start: must be at least k"),  # BatchTopK's checks apply too
-])
+@pytest.mark.parametrize(
+    "fields,start",
+    [
+        ({"prefixes": "300,100"}, "prefixes: sizes must be strictly increasing"),
+        ({"prefixes": "64,64"}, "prefixes: sizes must be strictly increasing"),
+        ({"prefixes": "0,64"}, "prefixes: sizes must be positive"),
+        ({"prefixes": "-4"}, "prefixes: sizes must be positive"),
+        ({"prefixes": "300"}, "prefixes: 300 exceeds d_latent (256)"),
+        ({"prefixes": "a,b"}, "prefixes: expected comma-separated integers"),
+        ({"prefixes": "32,128", "prefix_weights": "1"}, "prefix_weights: expected 3 weights"),
+        ({"prefixes": "32,128", "prefix_weights": "1,1,1,1"}, "prefix_weights: expected 3 weights"),
+        (
+            {"prefixes": "32,128", "prefix_weights": "1,-1,1"},
+            "prefix_weights: weights must be finite and >= 0",
+        ),
+        (
+            {"prefixes": "32,128", "prefix_weights": "1,nan,1"},
+            "prefix_weights: weights must be finite and >= 0",
+        ),
+        (
+            {"prefixes": "32,128", "prefix_weights": "0,0,0"},
+            "prefix_weights: at least one weight must be positive",
+        ),
+        ({"prefix_weights": "x"}, "prefix_weights: expected comma-separated numbers"),
+        ({"k_anneal_start": 2}, "k_anneal_start: must be at least k"),  # BatchTopK's checks apply too
+    ],
+)
 def test_bad_options_refused(fields, start):
     cfg = CrossCoderConfig(arch="matryoshka", d_latent=256, k=4, n_models=2, d_model=8, **fields)
     with pytest.raises(ConfigError) as e:
@@ -61,15 +77,24 @@ def test_bad_options_refused(fields, start):
 
 
 def test_options_ignored_by_other_architectures():
-    CrossCoderConfig(arch="batchtopk", d_latent=256, k=4, n_models=2, d_model=8, prefixes="300,100").validate()
+    CrossCoderConfig(
+        arch="batchtopk", d_latent=256, k=4, n_models=2, d_model=8, prefixes="300,100"
+    ).validate()
 
 
-# ---------------------------------------------------------------------------------------------- (a) by hand
+# ------------------------------------------------------------------------------------------ (a) by hand
 def tiny(prefix_weights: str | None = None) -> CrossCoder:
     """d_latent 4, 2 models of d_model 2: latent i reads and writes flat input dim i (identity encoder
     and decoder, every decoder norm 1). k = 4 = d_latent keeps every positive score: f = relu(x)."""
-    cfg = CrossCoderConfig(arch="matryoshka", d_latent=4, k=4, n_models=2, d_model=2, prefixes="1,2",
-                           prefix_weights=prefix_weights)
+    cfg = CrossCoderConfig(
+        arch="matryoshka",
+        d_latent=4,
+        k=4,
+        n_models=2,
+        d_model=2,
+        prefixes="1,2",
+        prefix_weights=prefix_weights,
+    )
     m = CrossCoder(cfg)
     with torch.no_grad():
         m.W_enc.copy_(torch.eye(4).view(2, 2, 4))
@@ -125,10 +150,14 @@ def test_single_prefix_is_batchtopk():
     """With the full dictionary as the only prefix the loss, latents and gradients are BatchTopK's."""
     torch.manual_seed(0)
     x = torch.randn(32, 2, 16)
-    mats = CrossCoder(CrossCoderConfig(arch="matryoshka", d_latent=64, k=4, n_models=2, d_model=16, prefixes="64"),
-                      generator=torch.Generator().manual_seed(1)).train()
-    btk = CrossCoder(CrossCoderConfig(arch="batchtopk", d_latent=64, k=4, n_models=2, d_model=16),
-                     generator=torch.Generator().manual_seed(1)).train()
+    mats = CrossCoder(
+        CrossCoderConfig(arch="matryoshka", d_latent=64, k=4, n_models=2, d_model=16, prefixes="64"),
+        generator=torch.Generator().manual_seed(1),
+    ).train()
+    btk = CrossCoder(
+        CrossCoderConfig(arch="batchtopk", d_latent=64, k=4, n_models=2, d_model=16),
+        generator=torch.Generator().manual_seed(1),
+    ).train()
     assert mats.arch.prefix_sizes == (64,)
     r_m, r_b = compute_loss(mats, x, fast=False), compute_loss(btk, x, fast=False)
     assert r_m.metrics["prefix_loss"].item() == 0.0
@@ -140,7 +169,7 @@ def test_single_prefix_is_batchtopk():
         torch.testing.assert_close(getattr(mats, n).grad, getattr(btk, n).grad)
 
 
-# ---------------------------------------------------------------------------------------------- (b) fast == dense
+# ------------------------------------------------------------------------------------------ (b) fast == dense
 def make(h: int = 512, d: int = 32, k: int = 8, seed: int = 0, **kw) -> CrossCoder:
     kw.setdefault("prefixes", "32,128")
     cfg = CrossCoderConfig(arch="matryoshka", d_latent=h, k=k, n_models=2, d_model=d, **kw)
@@ -174,31 +203,41 @@ def assert_same(r_d, r_f, dense: CrossCoder, fast: CrossCoder, rtol: float = 1e-
     torch.testing.assert_close(r_f.loss, r_d.loss, rtol=rtol, atol=1e-6)
     assert r_d.metrics.keys() == r_f.metrics.keys()
     for key in r_d.metrics:
-        torch.testing.assert_close(r_f.metrics[key].float(), r_d.metrics[key].float(), rtol=rtol, atol=1e-6,
-                                   msg=lambda m, key=key: f"metric {key}: {m}")
+        torch.testing.assert_close(
+            r_f.metrics[key].float(),
+            r_d.metrics[key].float(),
+            rtol=rtol,
+            atol=1e-6,
+            msg=lambda m, key=key: f"metric {key}: {m}",
+        )
     for n in PARAMS:
         g_d, g_f = getattr(dense, n).grad, getattr(fast, n).grad
         scale = g_d.abs().max().clamp_min(1e-6)
-        torch.testing.assert_close(g_f / scale, g_d / scale, rtol=0, atol=1e-5, msg=lambda m, n=n: f"grad {n}: {m}")
+        torch.testing.assert_close(
+            g_f / scale, g_d / scale, rtol=0, atol=1e-5, msg=lambda m, n=n: f"grad {n}: {m}"
+        )
     for name, v in dense.arch.state_dict().items():  # the threshold
         assert torch.equal(fast.arch.state_dict()[name], v), name
     assert torch.equal(r_d.latents.fired(), r_f.latents.fired())
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("dead_frac,aux_k", [
-    (None, 0),    # AuxK off
-    (0.0, 16),    # nothing dead: AuxK loss exactly 0
-    (0.3, 4),     # sparse AuxK entries
-    (0.3, 64),    # dense sub-matrix over the dead columns
-    (1.0, 16),    # everything dead
-])
+@pytest.mark.parametrize(
+    "dead_frac,aux_k",
+    [
+        (None, 0),  # AuxK off
+        (0.0, 16),  # nothing dead: AuxK loss exactly 0
+        (0.3, 4),  # sparse AuxK entries
+        (0.3, 64),  # dense sub-matrix over the dead columns
+        (1.0, 16),  # everything dead
+    ],
+)
 def test_fast_matches_dense(method, dead_frac, aux_k):
     m = make()
     kw = {}
     if dead_frac is not None:
         dead = torch.zeros(512, dtype=torch.bool)
-        dead[torch.randperm(512, generator=torch.Generator().manual_seed(5))[:int(dead_frac * 512)]] = True
+        dead[torch.randperm(512, generator=torch.Generator().manual_seed(5))[: int(dead_frac * 512)]] = True
         kw = {"aux_k": aux_k, "aux_coeff": 0.25, "dead": dead}
     r_d, r_f, dn, fs = run_pair(m, batch(), method, **kw)
     assert_same(r_d, r_f, dn, fs)
@@ -223,7 +262,9 @@ def test_fast_matches_dense_eval_threshold(method):
     m = make(prefixes="7,100,300")  # prefixes not multiples of anything
     x = batch()
     with torch.no_grad():
-        m.arch.threshold.fill_(float((torch.relu(m.encode_pre(x)) * m.arch.weight()).flatten().quantile(0.98)))
+        m.arch.threshold.fill_(
+            float((torch.relu(m.encode_pre(x)) * m.arch.weight()).flatten().quantile(0.98))
+        )
     m.eval()
     r_d, r_f, dn, fs = run_pair(m, x, method)
     assert_same(r_d, r_f, dn, fs)
@@ -253,17 +294,36 @@ def test_distributed_metrics_pool_the_global_batch(method, fast):
     two = compute_loss(copy.deepcopy(m), batch(), dist=MirrorDist(), **kw)
     torch.testing.assert_close(two.f, one.f)
     for key in one.metrics:
-        torch.testing.assert_close(two.metrics[key].float(), one.metrics[key].float(), rtol=1e-5, atol=1e-6,
-                                   msg=lambda msg, key=key: f"metric {key}: {msg}")
+        torch.testing.assert_close(
+            two.metrics[key].float(),
+            one.metrics[key].float(),
+            rtol=1e-5,
+            atol=1e-6,
+            msg=lambda msg, key=key: f"metric {key}: {msg}",
+        )
 
 
-# ---------------------------------------------------------------------------------------------- (c) resume
+# ------------------------------------------------------------------------------------------ (c) resume
 def small_cfg(**train):
-    t = dict(num_tokens=256 * 40, batch_size=256, val_tokens=512, val_every=0, log_every=5, save_every=0,
-             wandb="off", progress=False, dead_tokens=2000, seed=3)
+    t = dict(
+        num_tokens=256 * 40,
+        batch_size=256,
+        val_tokens=512,
+        val_every=0,
+        log_every=5,
+        save_every=0,
+        wandb="off",
+        progress=False,
+        dead_tokens=2000,
+        seed=3,
+    )
     t.update(train)
-    return RunConfig(model=CrossCoderConfig(arch="matryoshka", d_latent=128, k=4, prefixes="16,48",
-                                            prefix_weights="1,2,1"), train=TrainConfig(**t))
+    return RunConfig(
+        model=CrossCoderConfig(
+            arch="matryoshka", d_latent=128, k=4, prefixes="16,48", prefix_weights="1,2,1"
+        ),
+        train=TrainConfig(**t),
+    )
 
 
 def test_resume_is_bit_for_bit(tmp_path):
@@ -272,7 +332,10 @@ def test_resume_is_bit_for_bit(tmp_path):
     with pytest.raises(Interrupted):
         run_training(cfg, tmp_path / "cut", stop_after_steps=17)
     resumed = run_training(cfg, tmp_path / "cut", resume=True)
-    a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "full" / "model.safetensors")),
+        load_file(str(tmp_path / "cut" / "model.safetensors")),
+    )
     assert set(a) == set(b) and "threshold" in a
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -281,7 +344,7 @@ def test_resume_is_bit_for_bit(tmp_path):
     assert all("prefix_loss" in r and "ev_prefix_48" in r for r in rows if "loss" in r)
 
 
-# ---------------------------------------------------------------------------------------------- (d) save / load
+# ------------------------------------------------------------------------------------------ (d) save / load
 def test_save_load_round_trip(tmp_path):
     m = make(h=64, d=8, prefixes="8,32", prefix_weights="2,1,0.5")
     x = batch(32, d=8)
@@ -308,40 +371,79 @@ def test_save_load_round_trip(tmp_path):
     assert am1["ev_prefix_64"] == pytest.approx(float(r1.metrics["explained_variance"]), abs=1e-5)
 
 
-# ---------------------------------------------------------------------------------------------- (e) CLI
+# ------------------------------------------------------------------------------------------ (e) CLI
 def test_cli_trains_and_refuses_bad_prefixes(tmp_path):
-    base = [sys.executable, "-m", "crosscoder", "train", "--arch", "matryoshka", "--d-latent", "256", "--k", "4",
-            "--num-tokens", "20000", "--batch-size", "256", "--wandb", "off", "--no-progress"]
-    r = subprocess.run([*base, "--prefixes", "32,128", "--out", str(tmp_path / "ok")], capture_output=True,
-                       text=True, timeout=300)
+    base = [
+        sys.executable,
+        "-m",
+        "crosscoder",
+        "train",
+        "--arch",
+        "matryoshka",
+        "--d-latent",
+        "256",
+        "--k",
+        "4",
+        "--num-tokens",
+        "20000",
+        "--batch-size",
+        "256",
+        "--wandb",
+        "off",
+        "--no-progress",
+    ]
+    r = subprocess.run(
+        [*base, "--prefixes", "32,128", "--out", str(tmp_path / "ok")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
     assert cfg["prefixes"] == "32,128"
     last = [json.loads(ln) for ln in (tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()][-1]
     assert {"val/ev_prefix_32", "val/ev_prefix_128", "val/ev_prefix_256", "val/prefix_loss"} <= set(last)
     for bad, field in (("300,100", "prefixes:"), ("32,128 --prefix-weights 1,1,1,1", "prefix_weights:")):
-        r = subprocess.run([*base, "--prefixes", *bad.split(), "--out", str(tmp_path / "bad")],
-                           capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [*base, "--prefixes", *bad.split(), "--out", str(tmp_path / "bad")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 2, r.stderr
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: {field}"), r.stderr
         assert "Traceback" not in r.stderr and not (tmp_path / "bad").exists()
 
 
-# ---------------------------------------------------------------------------------------------- (f) learning
+# ------------------------------------------------------------------------------------------ (f) learning
 def test_first_prefix_learns(tmp_path):
     """On the synthetic pair the first 16 latents reconstruct on their own (much better than the first 16
     of a BatchTopK crosscoder trained identically), and less than the full dictionary."""
+
     def train(arch):
-        cfg = RunConfig(model=CrossCoderConfig(arch=arch, d_latent=256, k=4, prefixes="16,64"),
-                        train=TrainConfig(num_tokens=256 * 120, batch_size=256, lr=3e-3, val_tokens=2048,
-                                          val_every=0, log_every=20, wandb="off", progress=False, seed=1))
+        cfg = RunConfig(
+            model=CrossCoderConfig(arch=arch, d_latent=256, k=4, prefixes="16,64"),
+            train=TrainConfig(
+                num_tokens=256 * 120,
+                batch_size=256,
+                lr=3e-3,
+                val_tokens=2048,
+                val_every=0,
+                log_every=20,
+                wandb="off",
+                progress=False,
+                seed=1,
+            ),
+        )
         metrics = run_training(cfg, tmp_path / arch)
         return metrics, CrossCoder.from_pretrained(tmp_path / arch)
 
     metrics, model = train("matryoshka")
     cfg = json.loads((tmp_path / "matryoshka" / "config.json").read_text())
-    x = PairedCache(cfg["source"]["cache_path"], verify="size").read(np.arange(4096))  # raw rows (folded model)
+    x = PairedCache(cfg["source"]["cache_path"], verify="size").read(
+        np.arange(4096)
+    )  # raw rows (folded model)
     ev = model.arch.analysis_metrics([x[:2048], x[2048:]])
     assert 0.08 < ev["ev_prefix_16"] < ev["ev_prefix_64"] < ev["ev_prefix_256"], ev
     with torch.no_grad():  # ev_prefix_<d_latent> is the explained variance of the model's reconstruction
@@ -363,12 +465,35 @@ def test_analyze_reports_explained_variance_per_prefix(tmp_path) -> None:
     prefix, pooled over the scanned rows; nested prefixes explain nested amounts, the last one all of it."""
     from crosscoder.cli import main
 
-    cfg = RunConfig(model=CrossCoderConfig(arch="matryoshka", d_latent=128, k=4, prefixes="16,64"),
-                    train=TrainConfig(num_tokens=150_000, batch_size=512, val_tokens=2048, val_every=0,
-                                      log_every=50, save_every=0, wandb="off", progress=False, lr=3e-3))
+    cfg = RunConfig(
+        model=CrossCoderConfig(arch="matryoshka", d_latent=128, k=4, prefixes="16,64"),
+        train=TrainConfig(
+            num_tokens=150_000,
+            batch_size=512,
+            val_tokens=2048,
+            val_every=0,
+            log_every=50,
+            save_every=0,
+            wandb="off",
+            progress=False,
+            lr=3e-3,
+        ),
+    )
     run_training(cfg, tmp_path / "run")
-    assert main(["analyze", str(tmp_path / "run"), "--out", str(tmp_path / "rep"), "--max-tokens", "20000",
-                 "--no-spliced"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                str(tmp_path / "run"),
+                "--out",
+                str(tmp_path / "rep"),
+                "--max-tokens",
+                "20000",
+                "--no-spliced",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
     ev = summary["architecture_metrics"]
     assert list(ev) == ["ev_prefix_16", "ev_prefix_64", "ev_prefix_128"]

@@ -7,8 +7,10 @@ from crosscoder import CrossCoder, CrossCoderConfig
 
 
 def make(arch="vanilla", m=2, d=8, h=32, k=4, seed=0):
-    return CrossCoder(CrossCoderConfig(arch=arch, n_models=m, d_model=d, d_latent=h, k=k),
-                      generator=torch.Generator().manual_seed(seed))
+    return CrossCoder(
+        CrossCoderConfig(arch=arch, n_models=m, d_model=d, d_latent=h, k=k),
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def test_shapes_and_init():
@@ -34,7 +36,7 @@ def test_batchtopk_keeps_exactly_k_times_batch():
         f = cc.encode(torch.randn(b, 2, 8))
         assert int((f > 0).sum()) == 3 * b
         # the kept ones are the largest decoder-weighted scores over the whole batch
-        scores = (torch.relu(cc.encode_pre(torch.randn(1, 2, 8))) * 0)  # shape check only
+        scores = torch.relu(cc.encode_pre(torch.randn(1, 2, 8))) * 0  # shape check only
         assert scores.shape == (1, 64)
 
 
@@ -69,7 +71,7 @@ def test_threshold_ema_and_inference_independent_of_batch():
     scores = torch.relu(cc.encode_pre(x)) * cc.latent_weight()
     assert torch.equal(full > 0, scores > t)
     for i in range(10):  # one token alone gives the same latents as inside the batch
-        assert torch.allclose(cc.encode(x[i:i + 1]), full[i:i + 1], atol=1e-6)
+        assert torch.allclose(cc.encode(x[i : i + 1]), full[i : i + 1], atol=1e-6)
     assert float(cc.arch.threshold) == t  # eval never moves the threshold
 
 

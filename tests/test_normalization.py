@@ -34,11 +34,25 @@ def planted():
 
 
 def cfg_for(cache, arch="vanilla", **train):
-    t = dict(num_tokens=512 * 60, batch_size=512, val_tokens=4096, val_every=0, log_every=10, save_every=0,
-             wandb="off", progress=False, seed=1, lr=3e-3, l1_coeff=2.0)
+    t = dict(
+        num_tokens=512 * 60,
+        batch_size=512,
+        val_tokens=4096,
+        val_every=0,
+        log_every=10,
+        save_every=0,
+        wandb="off",
+        progress=False,
+        seed=1,
+        lr=3e-3,
+        l1_coeff=2.0,
+    )
     t.update(train)
-    return RunConfig(model=CrossCoderConfig(arch=arch, d_latent=256, k=4), train=TrainConfig(**t),
-                     data=DataConfig(cache=cache))
+    return RunConfig(
+        model=CrossCoderConfig(arch=arch, d_latent=256, k=4),
+        train=TrainConfig(**t),
+        data=DataConfig(cache=cache),
+    )
 
 
 def test_estimate_centres_then_scales():
@@ -95,7 +109,11 @@ def test_same_hyperparameters_transfer_to_a_pair_with_an_offset(tmp_path, plante
     x, offset = planted
     plain, shifted = write_pair(tmp_path / "plain", x), write_pair(tmp_path / "shifted", x + offset)
     ev = {}
-    for name, cache, center in (("plain", plain, True), ("shifted", shifted, True), ("uncentred", shifted, False)):
+    for name, cache, center in (
+        ("plain", plain, True),
+        ("shifted", shifted, True),
+        ("uncentred", shifted, False),
+    ):
         cfg = cfg_for(cache)
         cfg.data.norm_center = center
         ev[name] = run_training(cfg, tmp_path / f"run_{name}")["explained_variance"]
@@ -137,8 +155,9 @@ def test_validation_metrics_pool_over_the_held_out_set(tmp_path, planted):
     pooled 1 - SSE/SST over all 257 rows."""
     x, _ = planted
     cache = write_pair(tmp_path / "c", x[:3000])
-    m = run_training(cfg_for(cache, num_tokens=2048, batch_size=256, val_tokens=257, val_every=8),
-                     tmp_path / "run")
+    m = run_training(
+        cfg_for(cache, num_tokens=2048, batch_size=256, val_tokens=257, val_every=8), tmp_path / "run"
+    )
     assert np.isfinite(m["val/explained_variance"])
     from crosscoder.data.loader import split_rows
 

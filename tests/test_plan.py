@@ -5,8 +5,17 @@ from crosscoder.train.plan import plan
 
 
 def test_plan_by_hand():
-    p = plan(d_model=4, dict_size=10, batch_size=8, n_models=2, arch="vanilla", dtype="float32", world_size=2,
-             cache_tokens=100, cache_dtype="bfloat16")
+    p = plan(
+        d_model=4,
+        dict_size=10,
+        batch_size=8,
+        n_models=2,
+        arch="vanilla",
+        dtype="float32",
+        world_size=2,
+        cache_tokens=100,
+        cache_dtype="bfloat16",
+    )
     n = 2 * 2 * 4 * 10 + 10 + 8
     assert p.params == n and p.param_bytes == 4 * n and p.optimizer_bytes == 8 * n and p.ddp_bytes == 4 * n
     assert p.local_batch == 4

@@ -14,9 +14,20 @@ from crosscoder.train import run_training
 
 
 def train_synthetic(tmp_path, arch, num_tokens):
-    cfg = RunConfig(model=CrossCoderConfig(arch=arch, d_latent=512, k=4),
-                    train=TrainConfig(num_tokens=num_tokens, batch_size=256, l1_coeff=3.0, dead_tokens=20_000,
-                                      val_tokens=4096, val_every=0, log_every=100, wandb="off", progress=False))
+    cfg = RunConfig(
+        model=CrossCoderConfig(arch=arch, d_latent=512, k=4),
+        train=TrainConfig(
+            num_tokens=num_tokens,
+            batch_size=256,
+            l1_coeff=3.0,
+            dead_tokens=20_000,
+            val_tokens=4096,
+            val_every=0,
+            log_every=100,
+            wandb="off",
+            progress=False,
+        ),
+    )
     out = tmp_path / arch
     metrics = run_training(cfg, out)
     src = json.loads((out / "config.json").read_text())["source"]

@@ -18,13 +18,32 @@ from crosscoder.train import Interrupted, run_training
 from crosscoder.train.checkpoint import list_checkpoints
 from crosscoder.train.schedules import l1_coeff_at, lr_lambda
 
-PLAN_METRICS = ["loss", "l2_loss", "l1_loss", "l0_loss", "l1_coeff", "lr", "explained_variance",
-                "explained_variance_A", "explained_variance_B"]
+PLAN_METRICS = [
+    "loss",
+    "l2_loss",
+    "l1_loss",
+    "l0_loss",
+    "l1_coeff",
+    "lr",
+    "explained_variance",
+    "explained_variance_A",
+    "explained_variance_B",
+]
 
 
 def small_cfg(arch="vanilla", **train):
-    t = dict(num_tokens=256 * 40, batch_size=256, val_tokens=512, val_every=0, log_every=5, save_every=0,
-             wandb="off", progress=False, dead_tokens=2000, seed=3)
+    t = dict(
+        num_tokens=256 * 40,
+        batch_size=256,
+        val_tokens=512,
+        val_every=0,
+        log_every=5,
+        save_every=0,
+        wandb="off",
+        progress=False,
+        dead_tokens=2000,
+        seed=3,
+    )
     t.update(train)
     return RunConfig(model=CrossCoderConfig(arch=arch, d_latent=128, k=4), train=TrainConfig(**t))
 
@@ -36,7 +55,8 @@ def weights(out):
 def test_schedules_at_chosen_steps():
     f = lr_lambda(100, warmup_frac=0.1, decay_frac=0.2)
     assert [f(s) for s in (0, 4, 9, 10, 50, 79, 80, 90, 99)] == pytest.approx(
-        [0.1, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.05])
+        [0.1, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.05]
+    )
     g = lr_lambda(10, 0.0, 0.2)
     assert [g(s) for s in range(10)] == pytest.approx([1] * 8 + [1.0, 0.5])
     assert l1_coeff_at(0, 1000, 2.0, 0.05) == 0.0
@@ -89,7 +109,18 @@ def test_metrics_log_and_artifacts(tmp_path):
     assert [r["lr"] for r in rows] == pytest.approx([1e-3 * f(r["step"] - 1) for r in rows])
     assert rows[-1]["lr"] == pytest.approx(1e-3 / 8)
     cfg = json.loads((out / "config.json").read_text())
-    for k in ("arch", "n_models", "d_model", "d_latent", "k", "norm_scale", "version", "train", "data", "metrics"):
+    for k in (
+        "arch",
+        "n_models",
+        "d_model",
+        "d_latent",
+        "k",
+        "norm_scale",
+        "version",
+        "train",
+        "data",
+        "metrics",
+    ):
         assert k in cfg, k
     assert cfg["n_models"] == 2 and cfg["d_model"] == 64 and len(cfg["norm_scale"]) == 2
     assert cfg["data"]["fingerprints"]["cache"]
@@ -101,8 +132,31 @@ def test_config_json_reproduces_run(tmp_path):
     from crosscoder.cli import main
 
     out1, out2 = tmp_path / "one", tmp_path / "two"
-    assert main(["train", "--out", str(out1), "--num-tokens", "5120", "--batch-size", "256", "--dict-size", "64",
-                 "--val-tokens", "256", "--wandb", "off", "--no-progress", "--seed", "7", "--lr", "0.002"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--out",
+                str(out1),
+                "--num-tokens",
+                "5120",
+                "--batch-size",
+                "256",
+                "--dict-size",
+                "64",
+                "--val-tokens",
+                "256",
+                "--wandb",
+                "off",
+                "--no-progress",
+                "--seed",
+                "7",
+                "--lr",
+                "0.002",
+            ]
+        )
+        == 0
+    )
     assert main(["train", "--config", str(out1 / "config.json"), "--out", str(out2), "--no-progress"]) == 0
     a, b = weights(out1), weights(out2)
     for k in a:
@@ -113,14 +167,38 @@ def test_config_json_reproduces_run(tmp_path):
 
 def test_sigint_saves_checkpoint_and_resume_matches(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    args = ["--num-tokens", str(256 * 400), "--batch-size", "256", "--dict-size", "128", "--val-tokens", "256",
-            "--wandb", "off", "--no-progress", "--log-every", "1", "--save-every", "0"]
+    args = [
+        "--num-tokens",
+        str(256 * 400),
+        "--batch-size",
+        "256",
+        "--dict-size",
+        "128",
+        "--val-tokens",
+        "256",
+        "--wandb",
+        "off",
+        "--no-progress",
+        "--log-every",
+        "1",
+        "--save-every",
+        "0",
+    ]
     ref = tmp_path / "ref"
-    subprocess.run([sys.executable, "-m", "crosscoder", "train", "--out", str(ref), *args], check=True, env=env,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "crosscoder", "train", "--out", str(ref), *args],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     out = tmp_path / "cut"
-    p = subprocess.Popen([sys.executable, "-m", "crosscoder", "train", "--out", str(out), *args], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "crosscoder", "train", "--out", str(out), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     log = out / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 20):
@@ -130,8 +208,12 @@ def test_sigint_saves_checkpoint_and_resume_matches(tmp_path):
     assert p.returncode == 130, stdout
     assert "interrupted" in stdout
     assert list_checkpoints(out) and not (out / "model.safetensors").exists()
-    r = subprocess.run([sys.executable, "-m", "crosscoder", "train", "--out", str(out), "--resume", "--no-progress"],
-                       env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "crosscoder", "train", "--out", str(out), "--resume", "--no-progress"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     a, b = weights(ref), weights(out)
     for k in a:

@@ -36,23 +36,37 @@ class _ModelFields:
     arch: str = _f("vanilla", "architecture from the registry", choices=architecture_names())
     d_latent: int = _f(2048, "number of latents (dictionary size)", aliases=("--dict-size",))
     l1_weighting: str = _f(
-        "sum", "decoder-norm weighting of the sparsity term (and of BatchTopK scores)", choices=("sum", "concat")
+        "sum",
+        "decoder-norm weighting of the sparsity term (and of BatchTopK scores)",
+        choices=("sum", "concat"),
     )
-    dec_init_norm: float = _f(1.0, "initial L2 norm of every per-model decoder vector, in the normalised "
-                              "space (0.08: Kissane's replication)")
-    shared_latents: int = _f(0, "designated shared latents: decoder vector tied across models (any architecture)")
-    shared_sparsity_coeff: float | None = _f(None, "sparsity factor of the designated shared latents relative to "
-                                             "the others: penalties multiplied, selection scores divided by it "
-                                             "(default: 0.1 for vanilla/jumprelu, 1.0 for batchtopk/matryoshka)")
+    dec_init_norm: float = _f(
+        1.0,
+        "initial L2 norm of every per-model decoder vector, in the normalised "
+        "space (0.08: Kissane's replication)",
+    )
+    shared_latents: int = _f(
+        0, "designated shared latents: decoder vector tied across models (any architecture)"
+    )
+    shared_sparsity_coeff: float | None = _f(
+        None,
+        "sparsity factor of the designated shared latents relative to "
+        "the others: penalties multiplied, selection scores divided by it "
+        "(default: 0.1 for vanilla/jumprelu, 1.0 for batchtopk/matryoshka)",
+    )
     dedicated_base: int = _f(0, "dedicated partition: the first N latents read and write the base model only")
-    dedicated_ft: int = _f(0, "dedicated partition: the next N latents read and write the fine-tuned model only")
+    dedicated_ft: int = _f(
+        0, "dedicated partition: the next N latents read and write the fine-tuned model only"
+    )
     n_models: int = _f(2, "number of models (inferred from data)", cli=False)
     d_model: int = _f(0, "activation width (inferred from data)", cli=False)
     norm_scale: list[float] | None = _f(
         None, "per-model factor multiplying raw activations (inferred from data)", cli=False
     )
     norm_mean: list[list[float]] | None = _f(
-        None, "per-model mean [n_models][d_model] subtracted before norm_scale (inferred from data)", cli=False
+        None,
+        "per-model mean [n_models][d_model] subtracted before norm_scale (inferred from data)",
+        cli=False,
     )
     model_names: list[str] | None = _f(None, "names of the models, base first", cli=False)
     site: str | None = _f(None, "module the activations were read at", cli=False)
@@ -65,7 +79,9 @@ class CrossCoderConfig(*_option_classes(), _ModelFields):
 
     def validate(self) -> None:
         if self.arch not in ARCHITECTURES:
-            raise ConfigError(f"arch: unknown architecture {self.arch!r} (choices: {', '.join(ARCHITECTURES)})")
+            raise ConfigError(
+                f"arch: unknown architecture {self.arch!r} (choices: {', '.join(ARCHITECTURES)})"
+            )
         for name in ("d_latent", "n_models"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
@@ -78,16 +94,21 @@ class CrossCoderConfig(*_option_classes(), _ModelFields):
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         reserved = self.shared_latents + self.dedicated_base + self.dedicated_ft
         if reserved > self.d_latent:
-            raise ConfigError(f"shared_latents + dedicated_base + dedicated_ft: {reserved} exceeds d_latent "
-                              f"({self.d_latent})")
+            raise ConfigError(
+                f"shared_latents + dedicated_base + dedicated_ft: {reserved} exceeds d_latent "
+                f"({self.d_latent})"
+            )
         if self.dedicated_base + self.dedicated_ft and self.n_models < 2:
             raise ConfigError("dedicated_base/dedicated_ft: need at least two models")
         if self.shared_sparsity_coeff is not None and not self.shared_sparsity_coeff > 0:
             raise ConfigError(f"shared_sparsity_coeff: must be positive, got {self.shared_sparsity_coeff}")
         if self.norm_scale is not None and len(self.norm_scale) != self.n_models:
             raise ConfigError(f"norm_scale: expected {self.n_models} factors, got {len(self.norm_scale)}")
-        if self.norm_mean is not None and self.d_model > 0 and (len(self.norm_mean) != self.n_models
-                                           or any(len(r) != self.d_model for r in self.norm_mean)):
+        if (
+            self.norm_mean is not None
+            and self.d_model > 0
+            and (len(self.norm_mean) != self.n_models or any(len(r) != self.d_model for r in self.norm_mean))
+        ):
             raise ConfigError(f"norm_mean: expected {self.n_models} rows of {self.d_model} values")
         ARCHITECTURES[self.arch].validate_config(self)
 
@@ -106,27 +127,49 @@ class TrainConfig:
     l1_coeff: float = _f(1.0, "sparsity coefficient after warm-up (vanilla: L1; jumprelu: L0/tanh penalty)")
     l1_warmup_frac: float = _f(0.05, "fraction of steps over which the L1 coefficient ramps from 0")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (<= 0 disables)")
-    aux_k: int | None = _f(None, "AuxK: dead latents used by the auxiliary loss (0 = off; default "
-                           "min(512, dict_size / 2) for batchtopk, 0 for vanilla)")
+    aux_k: int | None = _f(
+        None,
+        "AuxK: dead latents used by the auxiliary loss (0 = off; default "
+        "min(512, dict_size / 2) for batchtopk, 0 for vanilla)",
+    )
     aux_coeff: float = _f(1 / 32, "AuxK loss coefficient")
-    dead_tokens: int | None = _f(None, "a latent is dead after this many tokens without firing (default: "
-                                 "min(10M, num_tokens / 20), at least one batch)")
-    l2_loss: str = _f("squared", "reconstruction loss: squared error summed, or per-model L2 norm", choices=("squared", "norm"))
-    b_dec_init: str = _f("mean", "decoder bias init: the data mean in the training space (0 when centred), "
-                         "zeros, or the geometric median of the first batch",
-                         choices=("mean", "zeros", "geometric_median"))
+    dead_tokens: int | None = _f(
+        None,
+        "a latent is dead after this many tokens without firing (default: "
+        "min(10M, num_tokens / 20), at least one batch)",
+    )
+    l2_loss: str = _f(
+        "squared",
+        "reconstruction loss: squared error summed, or per-model L2 norm",
+        choices=("squared", "norm"),
+    )
+    b_dec_init: str = _f(
+        "mean",
+        "decoder bias init: the data mean in the training space (0 when centred), "
+        "zeros, or the geometric median of the first batch",
+        choices=("mean", "zeros", "geometric_median"),
+    )
     seed: int = _f(0, "seed for init, shuffling and validation split")
     log_every: int = _f(50, "steps between metric logs")
     save_every: int = _f(1000, "steps between checkpoints (0 = only at the end / on signal)")
     keep_checkpoints: int = _f(2, "checkpoints kept on disk")
     val_every: int = _f(500, "steps between validation passes (0 = off)")
-    val_tokens: int | None = _f(None, "held-out tokens never trained on (0 = no validation; default: "
-                                "min(65536, rows / 10))")
-    wandb: str = _f("auto", "wandb logging (auto = online when logged in, else offline)", choices=("auto", "online", "offline", "off"))
+    val_tokens: int | None = _f(
+        None, "held-out tokens never trained on (0 = no validation; default: min(65536, rows / 10))"
+    )
+    wandb: str = _f(
+        "auto",
+        "wandb logging (auto = online when logged in, else offline)",
+        choices=("auto", "online", "offline", "off"),
+    )
     wandb_project: str = _f("crosscoder", "wandb project")
     threads: int = _f(1, "torch CPU threads (1 is fastest on a shared 2-core machine)")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
-    dtype: str = _f("float32", "compute dtype (bfloat16 = autocast, float32 master weights)", choices=("float32", "bfloat16"))
+    dtype: str = _f(
+        "float32",
+        "compute dtype (bfloat16 = autocast, float32 master weights)",
+        choices=("float32", "bfloat16"),
+    )
     compile: bool = _f(False, "torch.compile the training step")
     progress: bool = _f(True, "show a tqdm progress bar")
 
@@ -173,30 +216,45 @@ class TrainConfig:
 class DataConfig:
     """Where the paired activations come from. With no source set, the built-in synthetic pair."""
 
-    base_data: str | None = _f(None, "base-model activations: HF dataset (save_to_disk folder, parquet, or hub id)")
+    base_data: str | None = _f(
+        None, "base-model activations: HF dataset (save_to_disk folder, parquet, or hub id)"
+    )
     ft_data: str | None = _f(None, "fine-tuned-model activations, row-aligned with --base-data")
     column: str = _f("activation", "vector column of --base-data / --ft-data")
     cache: str | None = _f(None, "paired activation cache folder (from `crosscoder collect` or a conversion)")
     skip_nonfinite: bool = _f(False, "skip rows with NaN/Inf (counted) instead of failing")
     norm_scaling: bool = _f(True, "scale each model so the mean activation norm is sqrt(d_model)")
-    norm_center: bool = _f(True, "subtract each model's mean activation before scaling (--no-norm-center: the "
-                           "plan's mean-inclusive scaling, as in published runs)")
-    norm_sample_tokens: int = _f(100_000, "tokens sampled to estimate the norm scale (when no stored statistics)")
+    norm_center: bool = _f(
+        True,
+        "subtract each model's mean activation before scaling (--no-norm-center: the "
+        "plan's mean-inclusive scaling, as in published runs)",
+    )
+    norm_sample_tokens: int = _f(
+        100_000, "tokens sampled to estimate the norm scale (when no stored statistics)"
+    )
     prefetch: int = _f(4, "batches prepared ahead by the background reader")
     verify_cache: str = _f("crc", "cache check at open: crc (checksums) or size", choices=("crc", "size"))
     # On-the-fly collection (the plan's Buffer): used when --base-model/--ft-model/--dataset are given.
     base_model: str | None = _f(None, "on-the-fly: base model (hub id or local folder)")
     ft_model: str | None = _f(None, "on-the-fly: fine-tuned model (hub id or local folder)")
     site: str | None = _f(None, "on-the-fly: module path to read, e.g. model.layers.13")
-    dataset: str | None = _f(None, "on-the-fly: text dataset (hub id, save_to_disk folder, json/jsonl/parquet/txt)")
+    dataset: str | None = _f(
+        None, "on-the-fly: text dataset (hub id, save_to_disk folder, json/jsonl/parquet/txt)"
+    )
     text_column: str = _f("text", "on-the-fly: text column of --dataset")
-    chat_template: str = _f("none", "on-the-fly: render a `messages` column with a chat template", choices=("base", "ft", "none"))
+    chat_template: str = _f(
+        "none", "on-the-fly: render a `messages` column with a chat template", choices=("base", "ft", "none")
+    )
     seq_len: int = _f(128, "on-the-fly: tokens per sequence (packed or truncated)")
     model_batch_size: int = _f(32, "on-the-fly: sequences per model forward")
     buffer_tokens: int = _f(262_144, "on-the-fly: paired activations held by the buffer")
-    model_dtype: str = _f("float32", "on-the-fly: dtype the models run in", choices=("float32", "bfloat16", "float16"))
+    model_dtype: str = _f(
+        "float32", "on-the-fly: dtype the models run in", choices=("float32", "bfloat16", "float16")
+    )
     allow_tokenizer_mismatch: bool = _f(False, "on-the-fly: allow tokenizers that disagree")
-    max_norm_ratio: float | None = _f(None, "on-the-fly: drop positions whose norm exceeds this ratio to the running median")
+    max_norm_ratio: float | None = _f(
+        None, "on-the-fly: drop positions whose norm exceeds this ratio to the running median"
+    )
     trust_remote_code: bool = _f(False, "on-the-fly: pass trust_remote_code to transformers")
     fingerprints: dict[str, str] = _f({}, "data fingerprints (filled in by the run)", cli=False)
 
@@ -224,8 +282,11 @@ class RunConfig:
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> RunConfig:
         """Accept a saved ``config.json`` (sections) or a flat mapping of field names."""
         sections: dict[str, dict[str, Any]] = {"model": {}, "train": {}, "data": {}}
-        owners = {name: sec for sec, c in (("model", CrossCoderConfig), ("train", TrainConfig),
-                                           ("data", DataConfig)) for name in _names(c)}
+        owners = {
+            name: sec
+            for sec, c in (("model", CrossCoderConfig), ("train", TrainConfig), ("data", DataConfig))
+            for name in _names(c)
+        }
         for key, value in d.items():
             if key in sections and isinstance(value, dict):
                 sections[key].update(value)
@@ -241,7 +302,17 @@ class RunConfig:
 
 
 # Keys written to config.json for information only; accepted and ignored on load.
-INFO_KEYS = {"library", "version", "threshold", "metrics", "created", "recovery", "format", "source", "converted_from"}
+INFO_KEYS = {
+    "library",
+    "version",
+    "threshold",
+    "metrics",
+    "created",
+    "recovery",
+    "format",
+    "source",
+    "converted_from",
+}
 
 
 def _names(cls: type) -> list[str]:
@@ -270,7 +341,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         else:
             d = json.loads(text)
     except Exception as e:  # noqa: BLE001 - any parse error becomes one line
-        raise ConfigError(f"{path}: cannot parse config ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise ConfigError(
+            f"{path}: cannot parse config ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: config must be a mapping")
     return d

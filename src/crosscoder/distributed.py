@@ -64,7 +64,11 @@ LOCAL = Dist()
 
 def from_env() -> Dist:
     """The ranks torchrun describes in the environment (rank 0 of 1 when not launched by torchrun)."""
-    return Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+    return Dist(
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+    )
 
 
 def setup(device_name: str) -> tuple[Dist, torch.device]:

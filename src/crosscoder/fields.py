@@ -10,8 +10,9 @@ from dataclasses import field
 from typing import Any
 
 
-def option(default: Any, help: str, *, aliases: tuple[str, ...] = (), choices: tuple | None = None,
-           cli: bool = True) -> Any:
+def option(
+    default: Any, help: str, *, aliases: tuple[str, ...] = (), choices: tuple | None = None, cli: bool = True
+) -> Any:
     """A dataclass field with the metadata the CLI generator reads (mutable defaults are copied)."""
     meta = {"help": help, "aliases": aliases, "choices": choices, "cli": cli}
     if isinstance(default, (list, dict)):

@@ -72,14 +72,20 @@ class Normalization:
         return x.mul_(scale)
 
 
-def estimate(sample: torch.Tensor, *, center: bool, scaling: bool,
-             mean: torch.Tensor | None = None) -> Normalization:
+def estimate(
+    sample: torch.Tensor, *, center: bool, scaling: bool, mean: torch.Tensor | None = None
+) -> Normalization:
     """Normalisation from ``sample [n, n_models, d_model]`` raw rows (see :func:`estimate_streaming`)."""
     return estimate_streaming(lambda: iter((sample,)), center=center, scaling=scaling, mean=mean)
 
 
-def estimate_streaming(chunks: Callable[[], Iterable[torch.Tensor]], *, center: bool, scaling: bool,
-                       mean: torch.Tensor | None = None) -> Normalization:
+def estimate_streaming(
+    chunks: Callable[[], Iterable[torch.Tensor]],
+    *,
+    center: bool,
+    scaling: bool,
+    mean: torch.Tensor | None = None,
+) -> Normalization:
     """Normalisation from raw rows served in chunks ``[n, n_models, d_model]`` by ``chunks()``.
 
     ``mean [n_models, d_model]``, when given (exact statistics over the whole data set), is used
@@ -107,5 +113,6 @@ def estimate_streaming(chunks: Callable[[], Iterable[torch.Tensor]], *, center: 
     if not scaling:
         return Normalization([1.0] * shape[1], mean_list)
     d_model = shape[2]
-    return Normalization([math.sqrt(d_model) / max(float(v) / max(n, 1), 1e-12) for v in norm_sum.tolist()],
-                         mean_list)
+    return Normalization(
+        [math.sqrt(d_model) / max(float(v) / max(n, 1), 1e-12) for v in norm_sum.tolist()], mean_list
+    )

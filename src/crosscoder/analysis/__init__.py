@@ -32,9 +32,17 @@ from .table import (
 )
 
 
-def latent_table(model: Any, data: Any = None, *, thresholds: Thresholds | None = None,
-                 max_tokens: int | None = 500_000, chunk: int = 1024, seed: int = 0,
-                 device: str = "cpu", as_dict: bool = False) -> Any:
+def latent_table(
+    model: Any,
+    data: Any = None,
+    *,
+    thresholds: Thresholds | None = None,
+    max_tokens: int | None = 500_000,
+    chunk: int = 1024,
+    seed: int = 0,
+    device: str = "cpu",
+    as_dict: bool = False,
+) -> Any:
     """One row per latent: decoder metrics (normalised space), classes, and, when ``data`` is given, firing
     frequency, mean activation, dead flag and Latent Scaling from one streaming pass.
 
@@ -62,12 +70,28 @@ def latent_table(model: Any, data: Any = None, *, thresholds: Thresholds | None 
         stats = ActivationStats(model.cfg.d_latent, device)
         accs = [stats, ScalingAccumulator(norm)]
         with torch.no_grad():
-            scan(norm, cache, select_rows(cache.n_rows, max_tokens, seed), accs,
-                 model.normalization(), chunk)
+            scan(norm, cache, select_rows(cache.n_rows, max_tokens, seed), accs, model.normalization(), chunk)
         cols = latent_columns(norm, t, stats.result(), accs[1].result("ft"), accs[1].result("base"))
     return cols if as_dict else to_dataframe(cols)
 
 
-__all__ = ["CLASS_NAMES", "LatentScalingResult", "ScalingAccumulator", "Thresholds",
-           "class_counts", "classification_scores", "classify", "compare_runs", "decoder_metrics", "format_recovery",
-           "latent_columns", "latent_scaling", "latent_table", "layout_summary", "match_latents", "planted_cosines", "recovery", "thresholds_for"]
+__all__ = [
+    "CLASS_NAMES",
+    "LatentScalingResult",
+    "ScalingAccumulator",
+    "Thresholds",
+    "class_counts",
+    "classification_scores",
+    "classify",
+    "compare_runs",
+    "decoder_metrics",
+    "format_recovery",
+    "latent_columns",
+    "latent_scaling",
+    "latent_table",
+    "layout_summary",
+    "match_latents",
+    "planted_cosines",
+    "recovery",
+    "thresholds_for",
+]

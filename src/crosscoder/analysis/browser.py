@@ -18,16 +18,34 @@ from pathlib import Path
 
 from ..errors import CrossCoderError
 
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--hide-scrollbars", "--mute-audio")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--mute-audio",
+)
 
 
 def find_chromium() -> str:
-    for name in (os.environ.get("CHROMIUM"), "/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome"):
+    for name in (
+        os.environ.get("CHROMIUM"),
+        "/usr/bin/chromium",
+        "chromium",
+        "chromium-browser",
+        "google-chrome",
+    ):
         if name and (Path(name).is_file() or shutil.which(name)):
             return shutil.which(name) or name
-    raise CrossCoderError("headless Chromium not found (Debian/Ubuntu: apt-get install -y chromium; or set CHROMIUM)")
+    raise CrossCoderError(
+        "headless Chromium not found (Debian/Ubuntu: apt-get install -y chromium; or set CHROMIUM)"
+    )
 
 
 def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
@@ -46,7 +64,12 @@ class PageCheck:
 
     @property
     def ok(self) -> bool:
-        return self.status == "ready" and not self.page_errors and not self.console_errors and self.table_rows > 0
+        return (
+            self.status == "ready"
+            and not self.page_errors
+            and not self.console_errors
+            and self.table_rows > 0
+        )
 
 
 CONSOLE_ERROR = re.compile(r"CONSOLE.*(Uncaught|Error|Failed to load|net::ERR)", re.I)
@@ -55,7 +78,9 @@ CONSOLE_ERROR = re.compile(r"CONSOLE.*(Uncaught|Error|Failed to load|net::ERR)",
 def check_page(html: str | Path, timeout: float = 60, budget_ms: int = 5000, anchor: str = "") -> PageCheck:
     """Load ``html`` (at ``#anchor`` when given) in headless Chromium and report what its scripts did."""
     url = Path(html).resolve().as_uri() + (f"#{anchor}" if anchor else "")
-    proc = _run(["--enable-logging=stderr", "--v=0", f"--virtual-time-budget={budget_ms}", "--dump-dom", url], timeout)
+    proc = _run(
+        ["--enable-logging=stderr", "--v=0", f"--virtual-time-budget={budget_ms}", "--dump-dom", url], timeout
+    )
     dom = proc.stdout
     if proc.returncode != 0 and not dom:
         raise CrossCoderError(f"chromium failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
@@ -63,18 +88,33 @@ def check_page(html: str | Path, timeout: float = 60, budget_ms: int = 5000, anc
     errors = [ln for ln in (m.group(1) if m else "").splitlines() if ln.strip()]
     st = re.search(r"<span id=\"status\">(.*?)</span>", dom)
     console = [ln for ln in proc.stderr.splitlines() if CONSOLE_ERROR.search(ln)]
-    return PageCheck(dom=dom, status=st.group(1) if st else "", page_errors=errors, console_errors=console,
-                     table_rows=len(re.findall(r"<tr data-l=\"\d", dom)))
+    return PageCheck(
+        dom=dom,
+        status=st.group(1) if st else "",
+        page_errors=errors,
+        console_errors=console,
+        table_rows=len(re.findall(r"<tr data-l=\"\d", dom)),
+    )
 
 
-def screenshot(html: str | Path, out: str | Path, width: int = 1400, height: int = 1600, anchor: str = "",
-               timeout: float = 60) -> Path:
+def screenshot(
+    html: str | Path,
+    out: str | Path,
+    width: int = 1400,
+    height: int = 1600,
+    anchor: str = "",
+    timeout: float = 60,
+) -> Path:
     """PNG of the page (scrolled to ``#anchor`` when given)."""
     url = Path(html).resolve().as_uri() + (f"#{anchor}" if anchor else "")
     out = Path(out).resolve()
-    proc = _run([f"--window-size={width},{height}", "--virtual-time-budget=5000", f"--screenshot={out}", url], timeout)
+    proc = _run(
+        [f"--window-size={width},{height}", "--virtual-time-budget=5000", f"--screenshot={out}", url], timeout
+    )
     if not out.is_file():
-        raise CrossCoderError(f"chromium wrote no screenshot (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
+        raise CrossCoderError(
+            f"chromium wrote no screenshot (exit {proc.returncode}): {proc.stderr.strip()[-500:]}"
+        )
     return out
 
 
@@ -90,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, nargs=2, default=(1400, 1600), metavar=("W", "H"))
     a = p.parse_args(argv)
     page = check_page(a.html, anchor="table" if a.table else "")
-    print(f"status {page.status!r}, {page.table_rows} table rows, page errors {page.page_errors}, "
-          f"console errors {page.console_errors}")
+    print(
+        f"status {page.status!r}, {page.table_rows} table rows, page errors {page.page_errors}, "
+        f"console errors {page.console_errors}"
+    )
     screenshot(a.html, a.png, a.size[0], a.size[1], anchor="table" if a.table else "")
     return 0 if page.ok else 1
 

@@ -41,9 +41,11 @@ from ..model import CrossCoder
 from .table import CLASS_NAMES, KINDS, Thresholds, decoder_metrics, norm_classes
 
 PARTITIONS = ("base_only", "ft_only", "designated_shared", "free")
-SIMILARITY_NOTE = ("per-model decoder cosine, maximised over the models the RUN latent may write to "
-                   "(base_only: base, ft_only: fine-tuned, designated_shared/free: both); scale-free, so "
-                   "independent of either run's norm_scale")
+SIMILARITY_NOTE = (
+    "per-model decoder cosine, maximised over the models the RUN latent may write to "
+    "(base_only: base, ft_only: fine-tuned, designated_shared/free: both); scale-free, so "
+    "independent of either run's norm_scale"
+)
 
 
 def _unit_decoders(model: CrossCoder) -> torch.Tensor:
@@ -60,8 +62,10 @@ def match_latents(model: CrossCoder, other: CrossCoder, chunk: int = 2048) -> di
     Returns ``match_latent [H]`` (int64), ``match_cos [H]`` (float64) for ``model``'s latents and
     ``reverse_latent [H']``, ``reverse_cos [H']`` for ``other``'s."""
     if (model.cfg.n_models, model.cfg.d_model) != (other.cfg.n_models, other.cfg.d_model):
-        raise CrossCoderError(f"--compare-to: the runs differ in shape (n_models, d_model) "
-                              f"{(model.cfg.n_models, model.cfg.d_model)} vs {(other.cfg.n_models, other.cfg.d_model)}")
+        raise CrossCoderError(
+            f"--compare-to: the runs differ in shape (n_models, d_model) "
+            f"{(model.cfg.n_models, model.cfg.d_model)} vs {(other.cfg.n_models, other.cfg.d_model)}"
+        )
     a, b = _unit_decoders(model), _unit_decoders(other)  # [M, H, D], [M, H', D]
     m, h, _ = a.shape
     mask = model.layout.model_mask()
@@ -83,8 +87,12 @@ def match_latents(model: CrossCoder, other: CrossCoder, chunk: int = 2048) -> di
         better = rv.double() > rev_cos
         rev_cos = torch.where(better, rv.double(), rev_cos)
         rev_idx = torch.where(better, ri + lo, rev_idx)
-    return {"match_latent": best_idx.numpy(), "match_cos": best_cos.numpy(),
-            "reverse_latent": rev_idx.numpy(), "reverse_cos": rev_cos.numpy()}
+    return {
+        "match_latent": best_idx.numpy(),
+        "match_cos": best_cos.numpy(),
+        "reverse_latent": rev_idx.numpy(),
+        "reverse_cos": rev_cos.numpy(),
+    }
 
 
 def _fingerprints(run_dir: Path) -> dict[str, Any]:
@@ -95,9 +103,15 @@ def _fingerprints(run_dir: Path) -> dict[str, Any]:
     return dict((cfg.get("data") or {}).get("fingerprints") or {})
 
 
-def compare_runs(model: CrossCoder, other: CrossCoder, kinds: np.ndarray, t_other: Thresholds,
-                 threshold: float = 0.9, run_dir: str | Path | None = None,
-                 other_dir: str | Path | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def compare_runs(
+    model: CrossCoder,
+    other: CrossCoder,
+    kinds: np.ndarray,
+    t_other: Thresholds,
+    threshold: float = 0.9,
+    run_dir: str | Path | None = None,
+    other_dir: str | Path | None = None,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The partition x class table of ``model`` (RUN, latent kinds ``kinds [H]``) against ``other``.
 
     Returns ``(summary, columns)``: ``summary`` for ``summary.json`` (key ``comparison``) and the report;
@@ -121,8 +135,11 @@ def compare_runs(model: CrossCoder, other: CrossCoder, kinds: np.ndarray, t_othe
         sel = kinds == p
         if not sel.any():
             continue
-        row: dict[str, Any] = {"n": int(sel.sum()), "matched": int((sel & matched).sum()),
-                               "unmatched": int((sel & ~matched).sum())}
+        row: dict[str, Any] = {
+            "n": int(sel.sum()),
+            "matched": int((sel & matched).sum()),
+            "unmatched": int((sel & ~matched).sum()),
+        }
         for c in CLASS_NAMES:
             row[c] = int((sel & (m_cls == c)).sum())
         row["distinct_matches"] = int(len(np.unique(res["match_latent"][sel & matched])))
@@ -143,27 +160,36 @@ def compare_runs(model: CrossCoder, other: CrossCoder, kinds: np.ndarray, t_othe
     same_data = (fp_a == fp_b) if fp_a and fp_b else None
     summary = {
         "other_run": str(other_dir) if other_dir is not None else None,
-        "other_arch": other.cfg.arch, "other_d_latent": other.cfg.d_latent,
+        "other_arch": other.cfg.arch,
+        "other_d_latent": other.cfg.d_latent,
         "other_constrained": bool(other.layout.constrained),
         "same_data": same_data,
         "similarity": SIMILARITY_NOTE,
         "threshold": threshold,
-        "other_class_rule": (f"relative norm alone in OTHER's normalised space: r < {t_other.exclusive_band:g} "
-                             f"base_only, r > {1 - t_other.exclusive_band:g} ft_only, |r - 0.5| <= "
-                             f"{t_other.shared_band:g} shared, else other"),
+        "other_class_rule": (
+            f"relative norm alone in OTHER's normalised space: r < {t_other.exclusive_band:g} "
+            f"base_only, r > {1 - t_other.exclusive_band:g} ft_only, |r - 0.5| <= "
+            f"{t_other.shared_band:g} shared, else other"
+        ),
         "other_classes": {c: int((other_cls == c).sum()) for c in CLASS_NAMES},
         "table": table,
         "reverse": reverse,
     }
-    cols = {"match_latent": res["match_latent"].astype(np.int64), "match_cos": res["match_cos"].astype(np.float64),
-            "match_class": m_cls, "match_kind": m_kind}
+    cols = {
+        "match_latent": res["match_latent"].astype(np.int64),
+        "match_cos": res["match_cos"].astype(np.float64),
+        "match_class": m_cls,
+        "match_kind": m_kind,
+    }
     return summary, cols
 
 
 def format_comparison(s: dict[str, Any]) -> str:
     """Human-readable lines of :func:`compare_runs`'s summary."""
-    lines = [f"comparison with {s['other_run']} ({s['other_arch']}, {s['other_d_latent']} latents): best match by "
-             f"per-model decoder cosine >= {s['threshold']:g}; OTHER's class by relative norm"]
+    lines = [
+        f"comparison with {s['other_run']} ({s['other_arch']}, {s['other_d_latent']} latents): best match by "
+        f"per-model decoder cosine >= {s['threshold']:g}; OTHER's class by relative norm"
+    ]
     if s.get("same_data") is False:
         lines.append("  warning: the runs record different data fingerprints")
     head = f"  {'partition':<18}{'n':>6}{'matched':>9}" + "".join(f"{c:>11}" for c in CLASS_NAMES)

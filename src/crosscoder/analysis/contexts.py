@@ -33,7 +33,9 @@ class TopActivations:
         self.rows = torch.full((k, d_latent), -1, dtype=torch.long, device=device)
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, f: torch.Tensor, x_hat: torch.Tensor, rows: np.ndarray | None = None) -> None:
+    def update(
+        self, x: torch.Tensor, f: torch.Tensor, x_hat: torch.Tensor, rows: np.ndarray | None = None
+    ) -> None:
         """``f [n, d_latent]`` with ``rows [n]`` (cache row of each token)."""
         if rows is None:
             raise ValueError("TopActivations needs the cache rows")
@@ -89,9 +91,18 @@ def latent_acts(model: CrossCoder, x: torch.Tensor, latents: torch.Tensor) -> to
 
 
 @torch.no_grad()
-def build_contexts(model: CrossCoder, cache: PairedCache, norm: Normalization | Sequence[float], latents: Sequence[int],
-                   top_values: np.ndarray, top_rows: np.ndarray, tokenizer: Any | None = None,
-                   left: int = 10, right: int = 3, chunk_latents: int = 128) -> dict[int, list[dict[str, Any]]]:
+def build_contexts(
+    model: CrossCoder,
+    cache: PairedCache,
+    norm: Normalization | Sequence[float],
+    latents: Sequence[int],
+    top_values: np.ndarray,
+    top_rows: np.ndarray,
+    tokenizer: Any | None = None,
+    left: int = 10,
+    right: int = 3,
+    chunk_latents: int = 128,
+) -> dict[int, list[dict[str, Any]]]:
     """Contexts of ``latents`` from the top rows found by :class:`TopActivations`.
 
     ``model`` is the normalised model; ``top_values, top_rows [k, d_latent]``. Returns, per latent, a
@@ -109,9 +120,13 @@ def build_contexts(model: CrossCoder, cache: PairedCache, norm: Normalization | 
     out: dict[int, list[dict[str, Any]]] = {}
     latents = [int(j) for j in latents]
     for lo in range(0, len(latents), chunk_latents):
-        part = latents[lo:lo + chunk_latents]
-        items = [(j, int(top_rows[i, j]), float(top_values[i, j])) for j in part
-                 for i in range(top_rows.shape[0]) if top_rows[i, j] >= 0]
+        part = latents[lo : lo + chunk_latents]
+        items = [
+            (j, int(top_rows[i, j]), float(top_values[i, j]))
+            for j in part
+            for i in range(top_rows.shape[0])
+            if top_rows[i, j] >= 0
+        ]
         for j in part:
             out[j] = []
         if not items:
@@ -130,11 +145,23 @@ def build_contexts(model: CrossCoder, cache: PairedCache, norm: Normalization | 
         proj = torch.einsum("cmd,cd->cm", xc, d_unit).cpu().numpy()  # [c, M]
         for c, (j, row, val) in enumerate(items):
             seq = index[c, left, 1]
-            keep = [t for t in range(len(offsets))
-                    if (seq < 0 and t == left) or (seq >= 0 and index[c, t, 1] == seq
-                                                   and win[c, t] == centre[c] + offsets[t])]
-            out[j].append({"row": row, "act": val, "seq": int(seq), "pos": int(index[c, left, 2]),
-                           "tokens": [text(int(index[c, t, 0])) for t in keep],
-                           "acts": [round(float(acts[c, t]), 4) for t in keep], "mark": keep.index(left),
-                           "proj_base": float(proj[c, 0]), "proj_ft": float(proj[c, -1])})
+            keep = [
+                t
+                for t in range(len(offsets))
+                if (seq < 0 and t == left)
+                or (seq >= 0 and index[c, t, 1] == seq and win[c, t] == centre[c] + offsets[t])
+            ]
+            out[j].append(
+                {
+                    "row": row,
+                    "act": val,
+                    "seq": int(seq),
+                    "pos": int(index[c, left, 2]),
+                    "tokens": [text(int(index[c, t, 0])) for t in keep],
+                    "acts": [round(float(acts[c, t]), 4) for t in keep],
+                    "mark": keep.index(left),
+                    "proj_base": float(proj[c, 0]),
+                    "proj_ft": float(proj[c, -1]),
+                }
+            )
     return out

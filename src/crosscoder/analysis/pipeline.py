@@ -27,8 +27,10 @@ import torch
 from ..errors import CrossCoderError
 from ..model import CrossCoder
 
-SPACE_NOTE = ("decoder norms, relative norms, delta norms and Latent Scaling are computed in the crosscoder's "
-              "normalised training space (the saved folded weights are unfolded with the recorded norm_scale)")
+SPACE_NOTE = (
+    "decoder norms, relative norms, delta norms and Latent Scaling are computed in the crosscoder's "
+    "normalised training space (the saved folded weights are unfolded with the recorded norm_scale)"
+)
 
 
 @dataclass
@@ -97,7 +99,9 @@ def resolve_cache(cfg: AnalyzeConfig, run_cfg: dict[str, Any]) -> Any:
     recorded = (run_cfg.get("source") or {}).get("cache_path")
     if recorded and Path(recorded).is_dir():
         return open_pair(recorded), True
-    raise CrossCoderError("analyze: give --cache, or --base-data and --ft-data (the run records no usable cache)")
+    raise CrossCoderError(
+        "analyze: give --cache, or --base-data and --ft-data (the run records no usable cache)"
+    )
 
 
 def find_ground_truth(cfg: AnalyzeConfig, cache: Any) -> Path | None:
@@ -115,11 +119,14 @@ def find_ground_truth(cfg: AnalyzeConfig, cache: Any) -> Path | None:
 
 
 def card_latents(cols: dict[str, np.ndarray], max_cards: int) -> list[int]:
-    """Latents that get contexts: all of them up to ``max_cards``, else norm-exclusive ones first, then by freq."""
+    """Latents that get contexts: all of them up to ``max_cards``, else norm-exclusive ones first,
+    then by freq."""
     h = len(cols["latent"])
     if h <= max_cards:
         return list(range(h))
-    excl = np.isin(cols["norm_class"], ("base_only", "ft_only")) | np.isin(cols["class"], ("base_only", "ft_only"))
+    excl = np.isin(cols["norm_class"], ("base_only", "ft_only")) | np.isin(
+        cols["class"], ("base_only", "ft_only")
+    )
     order = np.lexsort((-np.nan_to_num(cols["freq"]), ~excl))
     return sorted(int(i) for i in order[:max_cards])
 
@@ -136,8 +143,16 @@ def _tokenizer(spec: str | None, say: Any) -> Any:
         return None
 
 
-def run_spliced(cfg: AnalyzeConfig, model: CrossCoder, meta: dict[str, Any], base_spec: str, ft_spec: str,
-                site: str, tok: Any, say: Any) -> dict[str, Any]:
+def run_spliced(
+    cfg: AnalyzeConfig,
+    model: CrossCoder,
+    meta: dict[str, Any],
+    base_spec: str,
+    ft_spec: str,
+    site: str,
+    tok: Any,
+    say: Any,
+) -> dict[str, Any]:
     """Spliced-in evaluation on held-out sequences (``--eval-data``, else the cache's dataset after the
     sequences it was collected from)."""
     from ..data.collect import load_site_model
@@ -152,12 +167,16 @@ def run_spliced(cfg: AnalyzeConfig, model: CrossCoder, meta: dict[str, Any], bas
     else:
         raise CrossCoderError("spliced-in evaluation: give --eval-data (held-out text)")
     column = col.get("text_column", "text") if not cfg.eval_data else "text"
-    seqs = heldout_sequences(dataset, tok, seq_len, cfg.eval_sequences, skip, column, bool(col.get("pack", True)))
+    seqs = heldout_sequences(
+        dataset, tok, seq_len, cfg.eval_sequences, skip, column, bool(col.get("pack", True))
+    )
     if not seqs and skip:
-        say(f"warning: {dataset} has no sequences beyond the {skip} collected; evaluating on its last ones "
-            "(not held out from the crosscoder's data)")
+        say(
+            f"warning: {dataset} has no sequences beyond the {skip} collected; evaluating on its last ones "
+            "(not held out from the crosscoder's data)"
+        )
         all_seqs = heldout_sequences(dataset, tok, seq_len, 10**9, 0, column, bool(col.get("pack", True)))
-        seqs, held_out = all_seqs[-cfg.eval_sequences:], False
+        seqs, held_out = all_seqs[-cfg.eval_sequences :], False
     dev = torch.device(cfg.device)
     base = load_site_model(base_spec, site, tokenizer=tok, device=dev)
     ft = load_site_model(ft_spec, site, tokenizer=tok, device=dev)
@@ -193,13 +212,21 @@ def analyze(cfg: AnalyzeConfig, say: Any = _say_default) -> dict[str, Any]:
             raise CrossCoderError(f"--compare-threshold: must be in (0, 1], got {cfg.compare_threshold}")
         other, _ = load_run(cfg.compare_to)
         if (other.cfg.n_models, other.cfg.d_model) != (model.cfg.n_models, model.cfg.d_model):
-            raise CrossCoderError(f"--compare-to {cfg.compare_to}: {other.cfg.n_models} models of width "
-                                  f"{other.cfg.d_model}, the run has {model.cfg.n_models} of width {model.cfg.d_model}")
+            raise CrossCoderError(
+                f"--compare-to {cfg.compare_to}: {other.cfg.n_models} models of width "
+                f"{other.cfg.d_model}, the run has {model.cfg.n_models} of width {model.cfg.d_model}"
+            )
     cache, recorded = resolve_cache(cfg, run_cfg)
     say(f"data: {cache.path} ({cache.n_rows:,} rows{', recorded by the run' if recorded else ''})")
-    t = thresholds_for(model.cfg.arch, exclusive_band=cfg.exclusive_band, shared_band=cfg.shared_band,
-                       nu_error_max=cfg.nu_error_max, nu_reconstruction_max=cfg.nu_reconstruction_max,
-                       min_active=cfg.min_active, latent_scaling=cfg.latent_scaling)
+    t = thresholds_for(
+        model.cfg.arch,
+        exclusive_band=cfg.exclusive_band,
+        shared_band=cfg.shared_band,
+        nu_error_max=cfg.nu_error_max,
+        nu_reconstruction_max=cfg.nu_reconstruction_max,
+        min_active=cfg.min_active,
+        latent_scaling=cfg.latent_scaling,
+    )
     check_mode(cfg.latent_scaling_target)
     dev = torch.device(cfg.device)
     norm = normalised_model(model).to(dev)
@@ -209,26 +236,48 @@ def analyze(cfg: AnalyzeConfig, say: Any = _say_default) -> dict[str, Any]:
     stats, recon = ActivationStats(h, dev), ReconstructionStats(2)
     scaling = ScalingAccumulator(norm, mode=cfg.latent_scaling_target)
     top = TopActivations(h, cfg.top_k, dev)
-    say(f"scanning {len(rows):,} tokens (eval mode{', calibrated inference threshold' if model.arch.calibrates else ''})")
+    say(
+        f"scanning {len(rows):,} tokens "
+        f"(eval mode{', calibrated inference threshold' if model.arch.calibrates else ''})"
+    )
     scan(norm, cache, rows, [stats, recon, scaling, top], model.normalization(), cfg.chunk)
-    # the architecture's own numbers (Matryoshka: explained variance per prefix), on at most 65,536 of the rows
+    # the architecture's own numbers (Matryoshka: explained variance per prefix), on at most 65,536
+    # of the rows
     arch_rows = rows[:: max(1, len(rows) // ARCH_METRIC_ROWS)][:ARCH_METRIC_ROWS]
-    arch_metrics = norm.arch.analysis_metrics(x for _, x in iter_chunks(cache, arch_rows, model.normalization(),
-                                                                        cfg.chunk, dev))
+    arch_metrics = norm.arch.analysis_metrics(
+        x for _, x in iter_chunks(cache, arch_rows, model.normalization(), cfg.chunk, dev)
+    )
     if arch_metrics:
-        say("  " + ", ".join(f"{k} {v:.4f}" for k, v in arch_metrics.items()) + f" ({len(arch_rows):,} tokens)")
+        say(
+            "  "
+            + ", ".join(f"{k} {v:.4f}" for k, v in arch_metrics.items())
+            + f" ({len(arch_rows):,} tokens)"
+        )
     cols = latent_columns(norm, t, stats.result(), scaling.result("ft"), scaling.result("base"))
     layout = model.layout
     n_free = int((cols["kind"] == "free").sum())
     summary: dict[str, Any] = {
-        "run_dir": str(cfg.run_dir), "arch": model.cfg.arch, "d_latent": h, "d_model": model.cfg.d_model,
-        "models": model.cfg.model_names, "site": model.cfg.site or cache.meta.get("site"), "data": str(cache.path),
-        "tokens_scanned": int(len(rows)), "norm_scale": scale, "space": SPACE_NOTE,
-        "thresholds": dataclasses.asdict(t), "latent_scaling_target": cfg.latent_scaling_target,
-        "reconstruction": recon.result(), "classes": class_counts(cols),
-        "classes_scope": (f"free latents only ({n_free} of {h}): relative-norm classes and Latent Scaling "
-                          "thresholds; designated shared and dedicated latents are classed by construction "
-                          "(see layout)" if layout.constrained else f"all {h} latents"),
+        "run_dir": str(cfg.run_dir),
+        "arch": model.cfg.arch,
+        "d_latent": h,
+        "d_model": model.cfg.d_model,
+        "models": model.cfg.model_names,
+        "site": model.cfg.site or cache.meta.get("site"),
+        "data": str(cache.path),
+        "tokens_scanned": int(len(rows)),
+        "norm_scale": scale,
+        "space": SPACE_NOTE,
+        "thresholds": dataclasses.asdict(t),
+        "latent_scaling_target": cfg.latent_scaling_target,
+        "reconstruction": recon.result(),
+        "classes": class_counts(cols),
+        "classes_scope": (
+            f"free latents only ({n_free} of {h}): relative-norm classes and Latent Scaling "
+            "thresholds; designated shared and dedicated latents are classed by construction "
+            "(see layout)"
+            if layout.constrained
+            else f"all {h} latents"
+        ),
         "dead": int(cols["dead"].sum()),
         "architecture_metrics": arch_metrics,
         "layout": layout_summary(cols, layout, layout.violations(model.W_enc, model.W_dec, model.norm_scale)),
@@ -238,9 +287,12 @@ def analyze(cfg: AnalyzeConfig, say: Any = _say_default) -> dict[str, Any]:
     if other is not None:
         from .compare import compare_runs, format_comparison
 
-        t_other = thresholds_for(other.cfg.arch, exclusive_band=cfg.exclusive_band, shared_band=cfg.shared_band)
-        summary["comparison"], match_cols = compare_runs(model, other, cols["kind"], t_other, cfg.compare_threshold,
-                                                         cfg.run_dir, cfg.compare_to)
+        t_other = thresholds_for(
+            other.cfg.arch, exclusive_band=cfg.exclusive_band, shared_band=cfg.shared_band
+        )
+        summary["comparison"], match_cols = compare_runs(
+            model, other, cols["kind"], t_other, cfg.compare_threshold, cfg.run_dir, cfg.compare_to
+        )
         cols.update(match_cols)
         say(format_comparison(summary["comparison"]))
     gt_text = None
@@ -266,8 +318,17 @@ def analyze(cfg: AnalyzeConfig, say: Any = _say_default) -> dict[str, Any]:
     tok = _tokenizer(base_spec, say)
     has_ids = bool(cache.read_index(np.array([0]))[0, 0] >= 0)
     vals, top_rows = top.result()
-    contexts = build_contexts(norm, cache, model.normalization(), card_latents(cols, cfg.max_cards), vals, top_rows,
-                              tok if has_ids else None, cfg.context_left, cfg.context_right)
+    contexts = build_contexts(
+        norm,
+        cache,
+        model.normalization(),
+        card_latents(cols, cfg.max_cards),
+        vals,
+        top_rows,
+        tok if has_ids else None,
+        cfg.context_left,
+        cfg.context_right,
+    )
     # Spliced-in evaluation.
     summary["spliced"] = None
     site = cfg.site or model.cfg.site or meta.get("site")
@@ -283,7 +344,9 @@ def analyze(cfg: AnalyzeConfig, say: Any = _say_default) -> dict[str, Any]:
             summary["spliced_skipped"] = str(e)
             say(f"warning: spliced-in evaluation skipped: {e}")
     elif cfg.spliced:
-        summary["spliced_skipped"] = "needs --base-model/--ft-model (or a cache collected from models) and a site"
+        summary["spliced_skipped"] = (
+            "needs --base-model/--ft-model (or a cache collected from models) and a site"
+        )
         say(f"spliced-in evaluation skipped ({summary['spliced_skipped']})")
     spliced = summary["spliced"]
     summary["seconds"] = round(time.perf_counter() - t0, 1)
@@ -292,17 +355,44 @@ def analyze(cfg: AnalyzeConfig, say: Any = _say_default) -> dict[str, Any]:
     with atomic_dir(out) as tmp:
         write_table(cols, tmp)
         figs = plots.make_plots(cols, tmp, t, Path(cfg.run_dir))
-        info = {k: summary[k] for k in ("run_dir", "arch", "d_latent", "d_model", "models", "site", "data",
-                                        "tokens_scanned", "dead", "latent_scaling_target")}
-        info.update({f"explained variance ({k[len('explained_variance_'):] or 'both'})": v
-                     for k, v in summary["reconstruction"].items()})
+        info = {
+            k: summary[k]
+            for k in (
+                "run_dir",
+                "arch",
+                "d_latent",
+                "d_model",
+                "models",
+                "site",
+                "data",
+                "tokens_scanned",
+                "dead",
+                "latent_scaling_target",
+            )
+        }
+        info.update(
+            {
+                f"explained variance ({k[len('explained_variance_') :] or 'both'})": v
+                for k, v in summary["reconstruction"].items()
+            }
+        )
         info.update(arch_metrics)
         notes = [_class_note(t)] + ([_layout_note(n_free, h)] if layout.constrained else [])
-        render_report(tmp / "report.html", title=f"Crosscoder diff: {Path(cfg.run_dir).name}", info=info,
-                      counts=summary["classes"], cols=cols, figures=figs, contexts=contexts, spliced=spliced,
-                      ground_truth=gt_text, thresholds=summary["thresholds"], notes=notes,
-                      layout=summary["layout"] if layout.constrained else None,
-                      comparison=summary.get("comparison"))
+        render_report(
+            tmp / "report.html",
+            title=f"Crosscoder diff: {Path(cfg.run_dir).name}",
+            info=info,
+            counts=summary["classes"],
+            cols=cols,
+            figures=figs,
+            contexts=contexts,
+            spliced=spliced,
+            ground_truth=gt_text,
+            thresholds=summary["thresholds"],
+            notes=notes,
+            layout=summary["layout"] if layout.constrained else None,
+            comparison=summary.get("comparison"),
+        )
         write_json(tmp / "summary.json", _json_safe(summary))
     _usual_permissions(out)
     say(f"report: {out / 'report.html'} ({summary['seconds']}s)")
@@ -321,35 +411,50 @@ def _usual_permissions(out: Path) -> None:
 
 
 def _class_note(t: Any) -> str:
-    return (f"Classes: relative norm r < {t.exclusive_band} -> base_only, r > {1 - t.exclusive_band:.2f} -> ft_only, "
-            f"|r - 0.5| <= {t.shared_band} -> shared, else other. Norm-exclusive latents keep the call only if they "
-            f"fired on >= {t.min_active} scanned tokens and Latent Scaling gives |nu_error| <= {t.nu_error_max} and "
-            f"|nu_reconstruction| <= {t.nu_reconstruction_max} (nu = other model's beta / own model's beta).")
+    return (
+        f"Classes: relative norm r < {t.exclusive_band} -> base_only, "
+        f"r > {1 - t.exclusive_band:.2f} -> ft_only, |r - 0.5| <= {t.shared_band} -> shared, else other. "
+        f"Norm-exclusive latents keep the call only if they fired on >= {t.min_active} scanned tokens "
+        f"and Latent Scaling gives |nu_error| <= {t.nu_error_max} and "
+        f"|nu_reconstruction| <= {t.nu_reconstruction_max} (nu = other model's beta / own model's beta)."
+    )
 
 
 def _layout_note(n_free: int, h: int) -> str:
-    return (f"Latent layout: the class counts above cover the {n_free} free latents of {h}. Designated shared "
-            "latents (decoder tied across models) are class shared by construction, dedicated latents class "
-            "base_only / ft_only by construction (column kind); Latent Scaling still checks the dedicated "
-            "partitions with the same thresholds (columns layout_check, layout_nu_error, layout_nu_reconstruction: "
-            "nu along the latent's own model's decoder).")
+    return (
+        f"Latent layout: the class counts above cover the {n_free} free latents of {h}. Designated shared "
+        "latents (decoder tied across models) are class shared by construction, dedicated latents class "
+        "base_only / ft_only by construction (column kind); Latent Scaling still checks the dedicated "
+        "partitions with the same thresholds (columns layout_check, layout_nu_error, "
+        "layout_nu_reconstruction: nu along the latent's own model's decoder)."
+    )
 
 
 def format_layout(lay: dict[str, Any]) -> str:
-    """Lines for the terminal: partition sizes and checks (:func:`~crosscoder.analysis.table.layout_summary`)."""
+    """Lines for the terminal: partition sizes and checks
+    (:func:`~crosscoder.analysis.table.layout_summary`)."""
     p = lay["partitions"]
-    lines = [f"latent layout: base_only {p['base_only']['n']}, ft_only {p['ft_only']['n']}, designated_shared "
-             f"{p['designated_shared']['n']} (sparsity factor {lay['shared_sparsity_coeff']:g}), free {p['free']['n']}"]
+    lines = [
+        f"latent layout: base_only {p['base_only']['n']}, ft_only {p['ft_only']['n']}, designated_shared "
+        f"{p['designated_shared']['n']} (sparsity factor {lay['shared_sparsity_coeff']:g}), "
+        f"free {p['free']['n']}"
+    ]
     for k in ("base_only", "ft_only"):
         r = p[k]
         if r["n"] and "ok" in r:
-            lines.append(f"  {k}: partition holds for {r['ok']} of {r['n']} by Latent Scaling (median |nu_error| "
-                         f"{r['nu_error_median_abs']:.3g}, |nu_reconstruction| {r['nu_reconstruction_median_abs']:.3g}; "
-                         f"dead {r['dead']}, too rare {r['too_rare']})")
+            lines.append(
+                f"  {k}: partition holds for {r['ok']} of {r['n']} by Latent Scaling (median |nu_error| "
+                f"{r['nu_error_median_abs']:.3g}, "
+                f"|nu_reconstruction| {r['nu_reconstruction_median_abs']:.3g}; "
+                f"dead {r['dead']}, too rare {r['too_rare']})"
+            )
     v = lay.get("violations")
     if v:
-        lines.append(f"  saved weights: forbidden blocks max |w| enc {v['forbidden_enc']:.3g} dec {v['forbidden_dec']:.3g}; "
-                     f"tied decoders max difference {v['tied_dec']:.3g} (normalised space)")
+        lines.append(
+            f"  saved weights: forbidden blocks max |w| enc {v['forbidden_enc']:.3g} "
+            f"dec {v['forbidden_dec']:.3g}; "
+            f"tied decoders max difference {v['tied_dec']:.3g} (normalised space)"
+        )
     return "\n".join(lines)
 
 

@@ -55,8 +55,13 @@ def relative_norms(cols: dict[str, np.ndarray], path: Path, t: Thresholds, title
     cls = cols["class"][alive]
     fig, ax = plt.subplots(figsize=(7, 3.6))
     bins = np.linspace(0, 1, 51)
-    ax.hist([r[cls == c] for c in ORDER], bins=bins, stacked=True, color=[COLORS[c] for c in ORDER],
-            label=[f"{c} ({int((cls == c).sum())})" for c in ORDER])
+    ax.hist(
+        [r[cls == c] for c in ORDER],
+        bins=bins,
+        stacked=True,
+        color=[COLORS[c] for c in ORDER],
+        label=[f"{c} ({int((cls == c).sum())})" for c in ORDER],
+    )
     for v in (t.exclusive_band, 1 - t.exclusive_band):
         ax.axvline(v, color="k", lw=0.8, ls="--")
     ax.set_xlabel("relative decoder norm  r = |d_ft| / (|d_base| + |d_ft|)   (normalised space)")
@@ -89,24 +94,41 @@ def delta_vs_nu(cols: dict[str, np.ndarray], path: Path, t: Thresholds) -> Path:
     leaning = ~cols["dead"] & (cols["delta_norm"] >= 0.5)
     alive = leaning & _free(cols)
     dedicated = leaning & (cols["kind"] == "ft_only") if "kind" in cols else np.zeros_like(alive)
-    for ax, key, lim in ((axes[0], "beta_ratio_error", t.nu_error_max),
-                         (axes[1], "beta_ratio_reconstruction", t.nu_reconstruction_max)):
+    for ax, key, lim in (
+        (axes[0], "beta_ratio_error", t.nu_error_max),
+        (axes[1], "beta_ratio_reconstruction", t.nu_reconstruction_max),
+    ):
         nu = np.clip(cols[key], -0.5, 1.5)
         for c in ORDER:
             m = alive & (cols["class"] == c) & (cols["flag"] == "") & np.isfinite(nu)
             ax.scatter(nu[m], cols["delta_norm"][m], s=6, c=COLORS[c], label=c, alpha=0.7)
-        m = alive & np.isin(cols["flag"], ("complete_shrinkage", "latent_decoupling", "scaling_undefined")) & np.isfinite(nu)
-        ax.scatter(nu[m], cols["delta_norm"][m], s=14, c="#ff7f0e", marker="x", label="demoted by Latent Scaling")
+        m = (
+            alive
+            & np.isin(cols["flag"], ("complete_shrinkage", "latent_decoupling", "scaling_undefined"))
+            & np.isfinite(nu)
+        )
+        ax.scatter(
+            nu[m], cols["delta_norm"][m], s=14, c="#ff7f0e", marker="x", label="demoted by Latent Scaling"
+        )
         m = dedicated & np.isfinite(nu)
         if m.any():
-            ax.scatter(nu[m], cols["delta_norm"][m], s=16, c="k", marker="D", label="dedicated ft_only (partition check)")
+            ax.scatter(
+                nu[m],
+                cols["delta_norm"][m],
+                s=16,
+                c="k",
+                marker="D",
+                label="dedicated ft_only (partition check)",
+            )
         ax.axvline(lim, color="k", lw=0.8, ls="--")
         ax.set_xlabel(f"nu_{key.split('_')[-1]} = beta_base / beta_ft  (clipped to [-0.5, 1.5])")
         ax.set_xlim(-0.55, 1.55)
     axes[0].set_ylabel("Δnorm  (1 = fine-tuned-only)")
     axes[0].set_ylim(0.48, 1.02)
     axes[1].legend(fontsize=7, loc="lower right")
-    fig.suptitle("Latent Scaling: is a fine-tuned-only-looking latent present in the base model?", fontsize=10)
+    fig.suptitle(
+        "Latent Scaling: is a fine-tuned-only-looking latent present in the base model?", fontsize=10
+    )
     return _save(fig, path)
 
 
@@ -143,8 +165,12 @@ def training_curves(metrics_path: Path, path: Path) -> Path | None:
     if not rows:
         return None
     plt = _plt()
-    panels = (("loss", "l2_loss"), ("l0_loss",), ("explained_variance", "explained_variance_A",
-                                                    "explained_variance_B"), ("dead_fraction",))
+    panels = (
+        ("loss", "l2_loss"),
+        ("l0_loss",),
+        ("explained_variance", "explained_variance_A", "explained_variance_B"),
+        ("dead_fraction",),
+    )
     fig, axes = plt.subplots(2, 2, figsize=(10, 6))
     for ax, keys in zip(axes.flat, panels, strict=True):
         for k in keys:
@@ -161,12 +187,16 @@ def training_curves(metrics_path: Path, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def make_plots(cols: dict[str, np.ndarray], out_dir: Path, t: Thresholds, run_dir: Path | None = None) -> dict[str, Path]:
+def make_plots(
+    cols: dict[str, np.ndarray], out_dir: Path, t: Thresholds, run_dir: Path | None = None
+) -> dict[str, Path]:
     """All report figures into ``out_dir``; returns ``{name: path}``."""
-    out = {"relative_norms": relative_norms(cols, out_dir / "relative_norms.png", t),
-           "cosine_shared": cosine_shared(cols, out_dir / "cosine_shared.png"),
-           "delta_vs_nu": delta_vs_nu(cols, out_dir / "delta_vs_nu.png", t),
-           "density": density(cols, out_dir / "density.png")}
+    out = {
+        "relative_norms": relative_norms(cols, out_dir / "relative_norms.png", t),
+        "cosine_shared": cosine_shared(cols, out_dir / "cosine_shared.png"),
+        "delta_vs_nu": delta_vs_nu(cols, out_dir / "delta_vs_nu.png", t),
+        "density": density(cols, out_dir / "density.png"),
+    }
     if run_dir is not None:
         tc = training_curves(Path(run_dir) / "metrics.jsonl", out_dir / "training.png")
         if tc is not None:

@@ -42,9 +42,10 @@ def recovery(
 ) -> dict[str, Any]:
     """Recovery of the planted features of ``gt`` (see the module docstring).
 
-    ``classified`` uses ``crosscoder analyze``'s decoder-norm rule (:func:`~crosscoder.analysis.table.norm_classes`)
-    with ``thresholds`` (default: analyze's defaults for the model's architecture, ``thresholds_for``);
-    ``band`` overrides its ``exclusive_band``. The band used is returned as ``exclusive_band``.
+    ``classified`` uses ``crosscoder analyze``'s decoder-norm rule
+    (:func:`~crosscoder.analysis.table.norm_classes`) with ``thresholds`` (default: analyze's defaults
+    for the model's architecture, ``thresholds_for``); ``band`` overrides its ``exclusive_band``. The
+    band used is returned as ``exclusive_band``.
     """
     t = thresholds or thresholds_for(model.cfg.arch)
     if band is not None:
@@ -110,8 +111,9 @@ def planted_cosines(model: CrossCoder, gt: GroundTruth) -> torch.Tensor:
     return torch.nn.functional.normalize(dec, dim=-1) @ torch.nn.functional.normalize(planted, dim=-1).T
 
 
-def classification_scores(classes: Any, model: CrossCoder, gt: GroundTruth, min_cos: float = 0.7,
-                          norm_classes: Any = None) -> dict[str, Any]:
+def classification_scores(
+    classes: Any, model: CrossCoder, gt: GroundTruth, min_cos: float = 0.7, norm_classes: Any = None
+) -> dict[str, Any]:
     """Compare the analysis' latent classes ``[d_latent]`` (``base_only``/``shared``/``ft_only``/``other``)
     with the planted ground truth.
 
@@ -141,26 +143,36 @@ def classification_scores(classes: Any, model: CrossCoder, gt: GroundTruth, min_
             feats = np.where(planted == c)[0]
             called = np.where(cls == c)[0]
             ok = (lat_cls[called] == c) & good[called]
-            out[c] = {"planted": len(feats), "recall": float(np.mean(cls[best_latent[feats]] == c)) if len(feats) else float("nan"),
-                      "called": len(called), "matching": int(ok.sum()),
-                      "precision": float(ok.mean()) if len(called) else float("nan")}
+            out[c] = {
+                "planted": len(feats),
+                "recall": float(np.mean(cls[best_latent[feats]] == c)) if len(feats) else float("nan"),
+                "called": len(called),
+                "matching": int(ok.sum()),
+                "precision": float(ok.mean()) if len(called) else float("nan"),
+            }
         excl = np.where(np.isin(planted, ("base_only", "ft_only")))[0]
         called = np.where(np.isin(cls, ("base_only", "ft_only")))[0]
-        out["exclusive_recall"] = float(np.mean(cls[best_latent[excl]] == planted[excl])) if len(excl) else float("nan")
+        out["exclusive_recall"] = (
+            float(np.mean(cls[best_latent[excl]] == planted[excl])) if len(excl) else float("nan")
+        )
         ok = (lat_cls[called] == cls[called]) & good[called]
         out["exclusive_precision"] = float(ok.mean()) if len(called) else float("nan")
         weak = np.where(planted == "shared_weak")[0]
         if len(weak):
             out["shared_weak_not_ft_only"] = float(np.mean(cls[best_latent[weak]] != "ft_only"))
-            out["shared_weak_latents_ft_only"] = int(((lat_cls == "shared_weak") & good & (cls == "ft_only")).sum())
+            out["shared_weak_latents_ft_only"] = int(
+                ((lat_cls == "shared_weak") & good & (cls == "ft_only")).sum()
+            )
         return out
 
     res = {"min_cos": min_cos, "final": scores(classes)}
     if norm_classes is not None:
         res["norm_only"] = scores(norm_classes)
         weak_lat = (lat_cls == "shared_weak") & good
-        res["shared_weak_latents"] = {"ft_only_by_norm": int((weak_lat & (np.asarray(norm_classes) == "ft_only")).sum()),
-                                      "ft_only_final": int((weak_lat & (np.asarray(classes) == "ft_only")).sum())}
+        res["shared_weak_latents"] = {
+            "ft_only_by_norm": int((weak_lat & (np.asarray(norm_classes) == "ft_only")).sum()),
+            "ft_only_final": int((weak_lat & (np.asarray(classes) == "ft_only")).sum()),
+        }
     return res
 
 
@@ -171,19 +183,30 @@ def format_scores(res: dict[str, Any]) -> str:
         if key not in res:
             continue
         s = res[key]
-        lines.append(f"  {label}: exclusive recall {100 * s['exclusive_recall']:.1f}%, "
-                     f"precision {100 * s['exclusive_precision']:.1f}%")
+        lines.append(
+            f"  {label}: exclusive recall {100 * s['exclusive_recall']:.1f}%, "
+            f"precision {100 * s['exclusive_precision']:.1f}%"
+        )
         for c in ("base_only", "ft_only"):
             r = s[c]
-            lines.append(f"    {c:<9} recall {100 * r['recall']:.1f}% of {r['planted']} planted; "
-                         f"{r['called']} called, {r['matching']} matching ({100 * r['precision']:.1f}%)")
+            lines.append(
+                f"    {c:<9} recall {100 * r['recall']:.1f}% of {r['planted']} planted; "
+                f"{r['called']} called, {r['matching']} matching ({100 * r['precision']:.1f}%)"
+            )
         if "shared_weak_not_ft_only" in s:
-            lines.append(f"    weakened-shared features not called ft_only: {100 * s['shared_weak_not_ft_only']:.1f}%")
+            lines.append(
+                f"    weakened-shared features not called ft_only: {100 * s['shared_weak_not_ft_only']:.1f}%"
+            )
     return "\n".join(lines)
 
 
-def family_scores(cos: torch.Tensor, planted_classes: Any, latent_classes: Any, match_cos: float = 0.9,
-                  assign_cos: float = 0.5) -> dict[str, Any]:
+def family_scores(
+    cos: torch.Tensor,
+    planted_classes: Any,
+    latent_classes: Any,
+    match_cos: float = 0.9,
+    assign_cos: float = 0.5,
+) -> dict[str, Any]:
     """Scores of one run of the synthetic-family benchmark (``benchmarks/recovery.py``).
 
     ``cos`` ``[d_latent, n_features]`` (e.g. :func:`planted_cosines`), ``planted_classes`` ``[n_features]``

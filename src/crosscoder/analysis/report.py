@@ -3,10 +3,11 @@ nothing is fetched from the network).
 
 Sections: summary (class counts by norm alone and after Latent Scaling, the latent layout and its
 partition checks when the crosscoder has one, the comparison with another crosscoder when asked,
-reconstruction, spliced-in evaluation, ground truth when known), the figures, a sortable and filterable latent table, and a card
-per latent (decoder metrics, Latent Scaling, top activating contexts with the activating token
-marked), shown when a row is clicked; the cards of the first rows of the current view are listed
-below the table. Script errors are written into ``#js-errors`` (browser tests read the DOM).
+reconstruction, spliced-in evaluation, ground truth when known), the figures, a sortable and
+filterable latent table, and a card per latent (decoder metrics, Latent Scaling, top activating
+contexts with the activating token marked), shown when a row is clicked; the cards of the first rows
+of the current view are listed below the table. Script errors are written into ``#js-errors``
+(browser tests read the DOM).
 """
 
 from __future__ import annotations
@@ -20,11 +21,33 @@ from typing import Any
 
 import numpy as np
 
-TABLE_COLUMNS = ("latent", "class", "norm_class", "flag", "kind", "layout_check", "relative_norm", "delta_norm",
-                 "cos_sim", "dec_norm_base", "dec_norm_ft", "freq", "mean_act", "beta_ratio_error",
-                 "beta_ratio_reconstruction", "beta_ratio_error_mirror", "beta_ratio_reconstruction_mirror",
-                 "layout_nu_error", "layout_nu_reconstruction", "dead", "planted_class", "planted_cos",
-                 "match_latent", "match_cos", "match_class")
+TABLE_COLUMNS = (
+    "latent",
+    "class",
+    "norm_class",
+    "flag",
+    "kind",
+    "layout_check",
+    "relative_norm",
+    "delta_norm",
+    "cos_sim",
+    "dec_norm_base",
+    "dec_norm_ft",
+    "freq",
+    "mean_act",
+    "beta_ratio_error",
+    "beta_ratio_reconstruction",
+    "beta_ratio_error_mirror",
+    "beta_ratio_reconstruction_mirror",
+    "layout_nu_error",
+    "layout_nu_reconstruction",
+    "dead",
+    "planted_class",
+    "planted_cos",
+    "match_latent",
+    "match_cos",
+    "match_class",
+)
 LAYOUT_COLUMNS = ("kind", "layout_check", "layout_nu_error", "layout_nu_reconstruction")
 
 
@@ -50,8 +73,10 @@ def table_rows(cols: dict[str, np.ndarray]) -> dict[str, Any]:
     """Column-major table data for the page: ``{"columns": [...], "rows": [[...], ...]}``."""
     free_only = "kind" in cols and bool(np.all(cols["kind"] == "free"))  # no layout: no layout columns shown
     names = [c for c in TABLE_COLUMNS if c in cols and not (free_only and c in LAYOUT_COLUMNS)]
-    rows = [[_clean(cols[c][i].item() if hasattr(cols[c][i], "item") else cols[c][i]) for c in names]
-            for i in range(len(cols["latent"]))]
+    rows = [
+        [_clean(cols[c][i].item() if hasattr(cols[c][i], "item") else cols[c][i]) for c in names]
+        for i in range(len(cols["latent"]))
+    ]
     return {"columns": names, "rows": rows}
 
 
@@ -61,7 +86,9 @@ def _img(path: Path) -> str:
 
 
 def _kv_table(d: dict[str, Any]) -> str:
-    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in d.items())
+    rows = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in d.items()
+    )
     return f"<table class='kv'>{rows}</table>"
 
 
@@ -74,13 +101,23 @@ def _fmt(v: Any) -> str:
 
 
 def _counts_table(counts: dict[str, dict[str, int]]) -> str:
-    head = ("<tr><th>class</th><th>by relative norm alone</th><th>final (after Latent Scaling)</th>"
-            "<th>norm-exclusive kept</th><th>demoted: complete shrinkage</th><th>latent decoupling</th>"
-            "<th>scaling undefined</th><th>too rare</th><th>dead</th></tr>")
+    head = (
+        "<tr><th>class</th><th>by relative norm alone</th><th>final (after Latent Scaling)</th>"
+        "<th>norm-exclusive kept</th><th>demoted: complete shrinkage</th><th>latent decoupling</th>"
+        "<th>scaling undefined</th><th>too rare</th><th>dead</th></tr>"
+    )
     body = ""
     for c, r in counts.items():
-        cells = [r.get("norm", ""), r.get("final", ""), r.get("surviving", ""), r.get("complete_shrinkage", ""),
-                 r.get("latent_decoupling", ""), r.get("scaling_undefined", ""), r.get("too_rare", ""), r.get("dead", "")]
+        cells = [
+            r.get("norm", ""),
+            r.get("final", ""),
+            r.get("surviving", ""),
+            r.get("complete_shrinkage", ""),
+            r.get("latent_decoupling", ""),
+            r.get("scaling_undefined", ""),
+            r.get("too_rare", ""),
+            r.get("dead", ""),
+        ]
         body += f"<tr><th>{c}</th>" + "".join(f"<td>{v}</td>" for v in cells) + "</tr>"
     return f"<table class='kv'>{head}{body}</table>"
 
@@ -88,148 +125,230 @@ def _counts_table(counts: dict[str, dict[str, int]]) -> str:
 def _layout_table(lay: dict[str, Any]) -> str:
     """Partition sizes, live latents and the dedicated partitions' Latent Scaling check."""
     checks = ("ok", "complete_shrinkage", "latent_decoupling", "scaling_undefined", "too_rare", "dead")
-    head = ("<tr><th>partition (kind)</th><th>latents</th><th>range</th><th>class by construction</th><th>live</th>"
-            + "".join(f"<th>check: {c}</th>" for c in checks)
-            + "<th>median |nu_error|</th><th>median |nu_reconstruction|</th></tr>")
-    by_cons = {"base_only": "base_only", "ft_only": "ft_only", "designated_shared": "shared",
-               "free": "relative norm + Latent Scaling"}
+    head = (
+        "<tr><th>partition (kind)</th><th>latents</th><th>range</th><th>class by construction</th>"
+        "<th>live</th>"
+        + "".join(f"<th>check: {c}</th>" for c in checks)
+        + "<th>median |nu_error|</th><th>median |nu_reconstruction|</th></tr>"
+    )
+    by_cons = {
+        "base_only": "base_only",
+        "ft_only": "ft_only",
+        "designated_shared": "shared",
+        "free": "relative norm + Latent Scaling",
+    }
     body = ""
     for k, r in lay["partitions"].items():
         lo, hi = lay["ranges"][k]
         cells = [r["n"], f"{lo}-{hi - 1}" if hi > lo else "", by_cons[k], r.get("live", "")]
         cells += [r.get(c, "") for c in checks]
-        cells += [_fmt(r[key]) if key in r else "" for key in ("nu_error_median_abs", "nu_reconstruction_median_abs")]
-        body += f"<tr><th class='k-{k}'>{k}</th>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in cells) + "</tr>"
+        cells += [
+            _fmt(r[key]) if key in r else ""
+            for key in ("nu_error_median_abs", "nu_reconstruction_median_abs")
+        ]
+        body += (
+            f"<tr><th class='k-{k}'>{k}</th>"
+            + "".join(f"<td>{html.escape(str(v))}</td>" for v in cells)
+            + "</tr>"
+        )
     extra = ""
     ds = lay["partitions"].get("designated_shared", {})
     if ds.get("n"):
-        extra += (f"<p class='note'>Designated shared latents: sparsity factor {lay['shared_sparsity_coeff']:g} relative "
-                  f"to the others; largest |r - 0.5| {_fmt(ds.get('max_abs_relative_norm_minus_half'))}, smallest decoder "
-                  f"cosine {_fmt(ds.get('min_cos_sim'))}, median nu_error {_fmt(ds.get('nu_error_median'))} "
-                  "(base beta / fine-tuned beta: ~1 when both models use the vector).</p>")
+        extra += (
+            "<p class='note'>Designated shared latents: "
+            f"sparsity factor {lay['shared_sparsity_coeff']:g} relative to the others; "
+            f"largest |r - 0.5| {_fmt(ds.get('max_abs_relative_norm_minus_half'))}, "
+            f"smallest decoder cosine {_fmt(ds.get('min_cos_sim'))}, "
+            f"median nu_error {_fmt(ds.get('nu_error_median'))} "
+            "(base beta / fine-tuned beta: ~1 when both models use the vector).</p>"
+        )
     v = lay.get("violations")
     if v:
-        extra += (f"<p class='note'>Saved weights: largest |entry| of a forbidden block: encoder {_fmt(v['forbidden_enc'])}, "
-                  f"decoder {_fmt(v['forbidden_dec'])}; largest difference between the copies of a tied decoder vector "
-                  f"in the normalised space {_fmt(v['tied_dec'])} (0 by construction).</p>")
+        extra += (
+            "<p class='note'>Saved weights: largest |entry| of a forbidden block: "
+            f"encoder {_fmt(v['forbidden_enc'])}, decoder {_fmt(v['forbidden_dec'])}; "
+            "largest difference between the copies of a tied decoder vector "
+            f"in the normalised space {_fmt(v['tied_dec'])} (0 by construction).</p>"
+        )
     return f"<table class='kv' id='layout-table'>{head}{body}</table>{extra}"
 
 
 def _comparison_table(cmp: dict[str, Any]) -> str:
     """Partition x relative-norm class of the best matches in the other crosscoder, and the reverse."""
     classes = ("base_only", "shared", "ft_only", "other")
-    head = ("<tr><th>partition of this run</th><th>latents</th><th>matched</th><th>unmatched</th>"
-            + "".join(f"<th>match is {c}</th>" for c in classes) + "<th>median best cosine</th></tr>")
+    head = (
+        "<tr><th>partition of this run</th><th>latents</th><th>matched</th><th>unmatched</th>"
+        + "".join(f"<th>match is {c}</th>" for c in classes)
+        + "<th>median best cosine</th></tr>"
+    )
     body = ""
     for p, r in cmp["table"].items():
-        cells = [r["n"], r["matched"], r["unmatched"]] + [r[c] for c in classes] + [_fmt(r["median_best_cos"])]
+        cells = (
+            [r["n"], r["matched"], r["unmatched"]] + [r[c] for c in classes] + [_fmt(r["median_best_cos"])]
+        )
         body += f"<tr><th class='k-{p}'>{p}</th>" + "".join(f"<td>{v}</td>" for v in cells) + "</tr>"
-    parts = sorted({k for r in cmp["reverse"].values() for k in r if k not in ("n", "matched")},
-                   key=lambda k: ("base_only", "ft_only", "designated_shared", "free").index(k))
-    rhead = ("<tr><th>class in the other run</th><th>latents</th><th>matched here</th>"
-             + "".join(f"<th>in {k}</th>" for k in parts) + "</tr>")
-    rbody = "".join(f"<tr><th class='c-{c}'>{c}</th><td>{r['n']}</td><td>{r['matched']}</td>"
-                    + "".join(f"<td>{r.get(k, '')}</td>" for k in parts) + "</tr>" for c, r in cmp["reverse"].items())
-    same = {True: "yes (same data fingerprints)", False: "NO: the runs record different data",
-            None: "unknown (no fingerprints recorded)"}[cmp.get("same_data")]
-    return (f"<p class='note'>Other run: {html.escape(str(cmp['other_run']))} ({html.escape(cmp['other_arch'])}, "
-            f"{cmp['other_d_latent']} latents); same data: {same}. Similarity: {html.escape(cmp['similarity'])}; a "
-            f"latent matches when its best similarity is &ge; {cmp['threshold']:g}. Class of the match: "
-            f"{html.escape(cmp['other_class_rule'])}.</p>"
-            f"<table class='kv' id='comparison-table'>{head}{body}</table>"
-            f"<p class='note'>Reverse: the other run's latents by class, with a match in this run (same similarity, "
-            f"same threshold) and the partition of that match.</p><table class='kv' id='comparison-reverse'>{rhead}{rbody}</table>")
+    parts = sorted(
+        {k for r in cmp["reverse"].values() for k in r if k not in ("n", "matched")},
+        key=lambda k: ("base_only", "ft_only", "designated_shared", "free").index(k),
+    )
+    rhead = (
+        "<tr><th>class in the other run</th><th>latents</th><th>matched here</th>"
+        + "".join(f"<th>in {k}</th>" for k in parts)
+        + "</tr>"
+    )
+    rbody = "".join(
+        f"<tr><th class='c-{c}'>{c}</th><td>{r['n']}</td><td>{r['matched']}</td>"
+        + "".join(f"<td>{r.get(k, '')}</td>" for k in parts)
+        + "</tr>"
+        for c, r in cmp["reverse"].items()
+    )
+    same = {
+        True: "yes (same data fingerprints)",
+        False: "NO: the runs record different data",
+        None: "unknown (no fingerprints recorded)",
+    }[cmp.get("same_data")]
+    return (
+        f"<p class='note'>Other run: {html.escape(str(cmp['other_run']))} ({html.escape(cmp['other_arch'])}, "
+        f"{cmp['other_d_latent']} latents); same data: {same}. "
+        f"Similarity: {html.escape(cmp['similarity'])}; a latent matches when its best similarity is "
+        f"&ge; {cmp['threshold']:g}. Class of the match: {html.escape(cmp['other_class_rule'])}.</p>"
+        f"<table class='kv' id='comparison-table'>{head}{body}</table>"
+        "<p class='note'>Reverse: the other run's latents by class, with a match in this run "
+        "(same similarity, same threshold) and the partition of that match.</p>"
+        f"<table class='kv' id='comparison-reverse'>{rhead}{rbody}</table>"
+    )
 
 
 def _spliced_table(sp: dict[str, Any]) -> str:
     keys = ("ce_clean", "ce_spliced", "ce_zero", "frac_recovered", "kl_spliced", "kl_zero")
     head = "<tr><th>model</th>" + "".join(f"<th>{k}</th>" for k in keys) + "</tr>"
-    body = "".join(f"<tr><th>{m}</th>" + "".join(f"<td>{_fmt(sp[m][k])}</td>" for k in keys) + "</tr>"
-                   for m in ("base", "ft"))
+    body = "".join(
+        f"<tr><th>{m}</th>" + "".join(f"<td>{_fmt(sp[m][k])}</td>" for k in keys) + "</tr>"
+        for m in ("base", "ft")
+    )
     s = sp["ft_swap"]
-    extra = (f"<p>Fine-tuned model with the <b>base</b> reconstruction swapped in: CE {s['ce_base_recon']:.4f} "
-             f"(KL to clean {s['kl_base_recon']:.4f}); with the base model's raw activation: CE "
-             f"{s['ce_base_acts']:.4f} (KL {s['kl_base_acts']:.4f}). {sp['n_sequences']} held-out sequences, "
-             f"{sp['n_predictions']} predictions at replaced positions; held out: {sp.get('held_out', '?')}.</p>")
+    extra = (
+        f"<p>Fine-tuned model with the <b>base</b> reconstruction swapped in: CE {s['ce_base_recon']:.4f} "
+        f"(KL to clean {s['kl_base_recon']:.4f}); with the base model's raw activation: CE "
+        f"{s['ce_base_acts']:.4f} (KL {s['kl_base_acts']:.4f}). {sp['n_sequences']} held-out sequences, "
+        f"{sp['n_predictions']} predictions at replaced positions; held out: {sp.get('held_out', '?')}.</p>"
+    )
     return f"<table class='kv'>{head}{body}</table>{extra}"
 
 
 # Installed before any other script: errors (syntax errors of later scripts included), unhandled
 # rejections and console.error calls are written into #js-errors, which headless tests read from the DOM.
-HOOK = r"""
+HOOK = """
 (function(){var e=document.getElementById('js-errors');
-function add(s){e.textContent+=s+'\n';e.setAttribute('data-count',String((+e.getAttribute('data-count')||0)+1));}
+function add(s){e.textContent+=s+'\\n';\
+e.setAttribute('data-count',String((+e.getAttribute('data-count')||0)+1));}
 window.onerror=function(m,s,l,c){add('error: '+m+' ('+l+':'+c+')');};
 window.addEventListener('unhandledrejection',function(ev){add('unhandled rejection: '+ev.reason);});
-var ce=console.error;console.error=function(){add('console.error: '+Array.prototype.join.call(arguments,' '));ce.apply(console,arguments);};
+var ce=console.error;\
+console.error=function(){add('console.error: '+Array.prototype.join.call(arguments,' '));\
+ce.apply(console,arguments);};
 })();
 """
 
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1400px;padding:12px 20px;color:#222}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1400px;\
+padding:12px 20px;color:#222}
 h1{font-size:22px}h2{font-size:18px;border-bottom:1px solid #ddd;padding-bottom:3px;margin-top:26px}
-.kv{border-collapse:collapse;font-size:13px;margin:6px 0}.kv th,.kv td{border:1px solid #ddd;padding:3px 8px;text-align:left}
+.kv{border-collapse:collapse;font-size:13px;margin:6px 0}.kv th,.kv td{border:1px solid #ddd;padding:3px 8px;\
+text-align:left}
 .figs img{max-width:48%;margin:4px;border:1px solid #eee}.note{color:#555;font-size:13px}
 #controls{display:flex;gap:12px;flex-wrap:wrap;align-items:center;font-size:13px;margin:8px 0}
-#latents{border-collapse:collapse;font-size:12px;width:100%}#latents th{position:sticky;top:0;background:#f4f4f4;cursor:pointer;user-select:none}
+#latents{border-collapse:collapse;font-size:12px;width:100%}#latents th{position:sticky;top:0;\
+background:#f4f4f4;cursor:pointer;user-select:none}
 #latents th,#latents td{border:1px solid #e2e2e2;padding:2px 6px;text-align:right;white-space:nowrap}
 #latents tr:hover td{background:#fffbe6}#latents tr.sel td{background:#ffe9a8}
 .k-base_only{color:#1f77b4}.k-ft_only{color:#d62728}.k-designated_shared{color:#2ca02c}
-.c-base_only{color:#1f77b4;font-weight:600}.c-ft_only{color:#d62728;font-weight:600}.c-shared{color:#2ca02c}.c-other{color:#888}
+.c-base_only{color:#1f77b4;font-weight:600}.c-ft_only{color:#d62728;font-weight:600}.c-shared{color:#2ca02c}\
+.c-other{color:#888}
 .card{border:1px solid #ccc;border-radius:6px;padding:8px 12px;margin:8px 0;font-size:13px}
-.ctx{font-family:ui-monospace,Menlo,Consolas,monospace;white-space:pre-wrap;margin:3px 0;padding:2px 4px;background:#fafafa;font-size:12px}
+.ctx{font-family:ui-monospace,Menlo,Consolas,monospace;white-space:pre-wrap;margin:3px 0;padding:2px 4px;\
+background:#fafafa;font-size:12px}
 .tok{border-radius:2px}.mark{outline:2px solid #d62728}.meta{color:#666;font-size:11px}
 #js-errors{color:#b00;white-space:pre-wrap}body.table-view .overview{display:none}
 """
 
-JS = r"""
+JS = """
 (function(){
 const D=JSON.parse(document.getElementById('report-data').textContent);
 const cols=D.table.columns, rows=D.table.rows, ci={}; cols.forEach((c,i)=>ci[c]=i);
 let sortCol=ci['relative_norm'], sortDir=-1, view=[];
-const fmt=v=>v===null||v===undefined?'':(typeof v==='number'&&!Number.isInteger(v)?v.toPrecision(4):String(v));
+const fmt=v=>v===null||v===undefined?'':(typeof v==='number'&&!Number.isInteger(v)?v.toPrecision(4):\
+String(v));
 function esc(s){return String(s).replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));}
-function head(){const tr=document.getElementById('thead');tr.innerHTML='';cols.forEach((c,i)=>{const th=document.createElement('th');
- th.textContent=c+(i===sortCol?(sortDir>0?' \u25b2':' \u25bc'):'');th.onclick=()=>{sortDir=(i===sortCol)?-sortDir:-1;sortCol=i;render();};tr.appendChild(th);});}
+function head(){const tr=document.getElementById('thead');tr.innerHTML='';\
+cols.forEach((c,i)=>{const th=document.createElement('th');
+ th.textContent=c+(i===sortCol?(sortDir>0?' \\u25b2':' \\u25bc'):'');\
+th.onclick=()=>{sortDir=(i===sortCol)?-sortDir:-1;sortCol=i;render();};tr.appendChild(th);});}
 function filtered(){const ke=document.getElementById('f-kind'), kd=ke?ke.value:'';
  const cls=document.getElementById('f-class').value, nc=document.getElementById('f-norm').value,
  fl=document.getElementById('f-flag').value, mf=parseFloat(document.getElementById('f-freq').value)||0,
  q=document.getElementById('f-latent').value.trim(), alive=document.getElementById('f-alive').checked;
- return rows.filter(r=>(!cls||r[ci['class']]===cls)&&(!nc||r[ci['norm_class']]===nc)&&(!kd||r[ci['kind']]===kd)&&(!fl||(fl==='any'?r[ci['flag']]!=='':r[ci['flag']]===fl))
+ return rows.filter(r=>(!cls||r[ci['class']]===cls)&&(!nc||r[ci['norm_class']]===nc)\
+&&(!kd||r[ci['kind']]===kd)&&(!fl||(fl==='any'?r[ci['flag']]!=='':r[ci['flag']]===fl))
   &&((r[ci['freq']]||0)>=mf)&&(!alive||!r[ci['dead']])&&(!q||String(r[ci['latent']]).startsWith(q)));}
-function render(){head();view=filtered();view.sort((a,b)=>{const x=a[sortCol],y=b[sortCol];if(x===y)return 0;if(x===null)return 1;if(y===null)return -1;return (x<y?-1:1)*sortDir;});
+function render(){head();view=filtered();view.sort((a,b)=>{const x=a[sortCol],y=b[sortCol];if(x===y)return 0;\
+if(x===null)return 1;if(y===null)return -1;return (x<y?-1:1)*sortDir;});
  const limit=parseInt(document.getElementById('f-limit').value)||200, tb=document.getElementById('tbody');
  tb.innerHTML=view.slice(0,limit).map(r=>'<tr data-l="'+r[ci['latent']]+'">'+cols.map(c=>{const v=r[ci[c]];
-  return '<td'+(c==='class'||c==='norm_class'?' class="c-'+v+'"':'')+'>'+esc(fmt(v))+'</td>';}).join('')+'</tr>').join('');
- document.getElementById('count').textContent=view.length+' of '+rows.length+' latents (showing '+Math.min(limit,view.length)+')';
- tb.querySelectorAll('tr').forEach(tr=>tr.onclick=()=>{tb.querySelectorAll('tr.sel').forEach(t=>t.classList.remove('sel'));tr.classList.add('sel');
+  return '<td'+(c==='class'||c==='norm_class'?' class="c-'+v+'"':'')+'>'+esc(fmt(v))+'</td>';}).join('')+\
+'</tr>').join('');
+ document.getElementById('count').textContent=view.length+' of '+rows.length+' latents (showing '+\
+Math.min(limit,view.length)+')';
+ tb.querySelectorAll('tr').forEach(tr=>tr.onclick=()=>{\
+tb.querySelectorAll('tr.sel').forEach(t=>t.classList.remove('sel'));tr.classList.add('sel');
   document.getElementById('card').innerHTML=card(parseInt(tr.dataset.l));});
  const n=parseInt(document.getElementById('f-cards').value)||0;
  document.getElementById('cards').innerHTML=view.slice(0,n).map(r=>card(r[ci['latent']])).join('');}
-function ctxHtml(c){const mx=Math.max(1e-9,...c.acts);return c.tokens.map((t,i)=>{const a=Math.max(0,c.acts[i])/mx;
- return '<span class="tok'+(i===c.mark?' mark':'')+'" title="act '+fmt(c.acts[i])+'" style="background:rgba(255,140,0,'+a.toFixed(2)+')">'+esc(t).replace(/\n/g,'\u21b5')+'</span>';}).join('');}
+function ctxHtml(c){const mx=Math.max(1e-9,...c.acts);\
+return c.tokens.map((t,i)=>{const a=Math.max(0,c.acts[i])/mx;
+ return '<span class="tok'+(i===c.mark?' mark':'')+'" title="act '+fmt(c.acts[i])+\
+'" style="background:rgba(255,140,0,'+a.toFixed(2)+')">'+\
+esc(t).replace(/\\n/g,'\\u21b5')+'</span>';}).join('');}
 function card(l){const r=rows.find(x=>x[ci['latent']]===l);if(!r)return '';const ctx=(D.contexts||{})[l];
- let h='<div class="card"><b>latent '+l+'</b> &mdash; <span class="c-'+r[ci['class']]+'">'+r[ci['class']]+'</span>'+(r[ci['flag']]?' (flag: '+r[ci['flag']]+')':'')+
- '<div class="meta">'+['kind','relative_norm','delta_norm','cos_sim','dec_norm_base','dec_norm_ft','freq','mean_act','beta_ratio_error','beta_ratio_reconstruction','layout_check','layout_nu_error','layout_nu_reconstruction','planted_class','planted_cos','match_latent','match_cos','match_class']
+ let h='<div class="card"><b>latent '+l+'</b> &mdash; <span class="c-'+r[ci['class']]+'">'+\
+r[ci['class']]+'</span>'+(r[ci['flag']]?' (flag: '+r[ci['flag']]+')':'')+
+ '<div class="meta">'+['kind','relative_norm','delta_norm','cos_sim','dec_norm_base','dec_norm_ft','freq',\
+'mean_act','beta_ratio_error','beta_ratio_reconstruction','layout_check','layout_nu_error',\
+'layout_nu_reconstruction','planted_class','planted_cos','match_latent','match_cos','match_class']
  .filter(c=>c in ci).map(c=>c+' '+esc(fmt(r[ci[c]]))).join(' &middot; ')+'</div>';
  if(ctx===undefined)h+='<div class="meta">no contexts stored for this latent (see max_cards)</div>';
  else if(!ctx.length)h+='<div class="meta">never fired on the scanned tokens</div>';
- else h+=ctx.map(c=>'<div class="ctx">'+ctxHtml(c)+'</div><div class="meta">act '+fmt(c.act)+' &middot; row '+c.row+' seq '+c.seq+' pos '+c.pos+
-  ' &middot; projection on the latent direction: base '+fmt(c.proj_base)+', fine-tuned '+fmt(c.proj_ft)+'</div>').join('');
+ else h+=ctx.map(c=>'<div class="ctx">'+ctxHtml(c)+'</div><div class="meta">act '+fmt(c.act)+\
+' &middot; row '+c.row+' seq '+c.seq+' pos '+c.pos+
+  ' &middot; projection on the latent direction: base '+fmt(c.proj_base)+\
+', fine-tuned '+fmt(c.proj_ft)+'</div>').join('');
  return h+'</div>';}
-['f-class','f-norm','f-kind','f-flag','f-freq','f-latent','f-alive','f-limit','f-cards'].forEach(id=>{const e=document.getElementById(id);if(e){e.oninput=render;e.onchange=render;}});
+['f-class','f-norm','f-kind','f-flag','f-freq','f-latent','f-alive','f-limit','f-cards'].forEach(id=>{\
+const e=document.getElementById(id);if(e){e.oninput=render;e.onchange=render;}});
 render();
-if(location.hash==='#table'){document.body.classList.add('table-view');const f=document.querySelector('#tbody tr');if(f)f.click();}
+if(location.hash==='#table'){document.body.classList.add('table-view');\
+const f=document.querySelector('#tbody tr');if(f)f.click();}
 document.getElementById('status').textContent='ready';
 })();
 """
 
 
-def render_report(path: Path, *, title: str, info: dict[str, Any], counts: dict[str, dict[str, int]],
-                  cols: dict[str, np.ndarray], figures: dict[str, Path], contexts: dict[int, list[dict[str, Any]]],
-                  spliced: dict[str, Any] | None = None, ground_truth: str | None = None,
-                  thresholds: dict[str, Any] | None = None, notes: list[str] | None = None,
-                  layout: dict[str, Any] | None = None, comparison: dict[str, Any] | None = None) -> Path:
+def render_report(
+    path: Path,
+    *,
+    title: str,
+    info: dict[str, Any],
+    counts: dict[str, dict[str, int]],
+    cols: dict[str, np.ndarray],
+    figures: dict[str, Path],
+    contexts: dict[int, list[dict[str, Any]]],
+    spliced: dict[str, Any] | None = None,
+    ground_truth: str | None = None,
+    thresholds: dict[str, Any] | None = None,
+    notes: list[str] | None = None,
+    layout: dict[str, Any] | None = None,
+    comparison: dict[str, Any] | None = None,
+) -> Path:
     """Write the page to ``path`` (atomically). ``layout``: :func:`~crosscoder.analysis.table.layout_summary`
     (a constrained crosscoder); ``comparison``: :func:`~crosscoder.analysis.compare.compare_runs`' summary."""
     from ..io import atomic_path
@@ -243,15 +362,21 @@ def render_report(path: Path, *, title: str, info: dict[str, Any], counts: dict[
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1><div id='js-errors' data-count='0'></div><script>{HOOK}</script>",
         "<div class='note'>status: <span id='status'>loading</span></div>",
-        "<div class='overview'><h2>Summary</h2>", _kv_table(info),
-        "<p class='note'>Decoder norms, relative norms, Δnorm and Latent Scaling are computed in the crosscoder's "
-        "normalised training space: the saved (folded) weights are unfolded with the recorded norm_scale factors.</p>",
-        "<h3>Latent classes" + (" (free latents only)" if layout else "") + "</h3>", _counts_table(counts),
+        "<div class='overview'><h2>Summary</h2>",
+        _kv_table(info),
+        "<p class='note'>Decoder norms, relative norms, Δnorm and Latent Scaling are computed in the "
+        "crosscoder's normalised training space: the saved (folded) weights are unfolded with the "
+        "recorded norm_scale factors.</p>",
+        "<h3>Latent classes" + (" (free latents only)" if layout else "") + "</h3>",
+        _counts_table(counts),
     ]
     if layout:
         parts += ["<h3>Latent layout (classes by construction)</h3>", _layout_table(layout)]
     if comparison:
-        parts += ["<h3 id='comparison'>Comparison with another crosscoder</h3>", _comparison_table(comparison)]
+        parts += [
+            "<h3 id='comparison'>Comparison with another crosscoder</h3>",
+            _comparison_table(comparison),
+        ]
     if thresholds:
         parts += ["<p class='note'>Thresholds: " + html.escape(json.dumps(_clean(thresholds))) + "</p>"]
     for n in notes or []:
@@ -261,21 +386,32 @@ def render_report(path: Path, *, title: str, info: dict[str, Any], counts: dict[
     if ground_truth:
         parts += ["<h3>Planted ground truth</h3>", f"<pre>{html.escape(ground_truth)}</pre>"]
     parts += [
-        "<h2>Figures</h2>", f"<div class='figs'>{figs}</div></div>",
+        "<h2>Figures</h2>",
+        f"<div class='figs'>{figs}</div></div>",
         "<h2 id='latents-section'>Latents</h2><div id='controls'>",
-        f"<label>class <select id='f-class'>{opts(('base_only', 'shared', 'ft_only', 'other'))}</select></label>",
-        f"<label>class by norm <select id='f-norm'>{opts(('base_only', 'shared', 'ft_only', 'other'))}</select></label>",
-        (f"<label>kind <select id='f-kind'>{opts(('free', 'designated_shared', 'base_only', 'ft_only'))}</select></label>"
-         if layout else ""),
-        f"<label>flag <select id='f-flag'>{opts(('any', 'complete_shrinkage', 'latent_decoupling', 'scaling_undefined', 'too_rare', 'dead'))}</select></label>",
-        "<label>min freq <input id='f-freq' type='number' step='0.0001' value='0' style='width:80px'></label>",
+        "<label>class <select id='f-class'>"
+        f"{opts(('base_only', 'shared', 'ft_only', 'other'))}</select></label>",
+        "<label>class by norm <select id='f-norm'>"
+        f"{opts(('base_only', 'shared', 'ft_only', 'other'))}</select></label>",
+        (
+            "<label>kind <select id='f-kind'>"
+            f"{opts(('free', 'designated_shared', 'base_only', 'ft_only'))}</select></label>"
+            if layout
+            else ""
+        ),
+        "<label>flag <select id='f-flag'>"
+        f"{opts(('any', 'complete_shrinkage', 'latent_decoupling', 'scaling_undefined', 'too_rare', 'dead'))}"
+        "</select></label>",
+        "<label>min freq <input id='f-freq' type='number' step='0.0001' value='0' "
+        "style='width:80px'></label>",
         "<label>latent # <input id='f-latent' style='width:70px'></label>",
         "<label><input id='f-alive' type='checkbox' checked> live only</label>",
         "<label>rows <input id='f-limit' type='number' value='200' style='width:70px'></label>",
         "<label>cards <input id='f-cards' type='number' value='12' style='width:60px'></label>",
         "<span id='count'></span></div>",
         "<div id='card'><p class='note'>Click a row to show its card.</p></div>",
-        "<div style='max-height:520px;overflow:auto'><table id='latents'><thead><tr id='thead'></tr></thead><tbody id='tbody'></tbody></table></div>",
+        "<div style='max-height:520px;overflow:auto'><table id='latents'>"
+        "<thead><tr id='thead'></tr></thead><tbody id='tbody'></tbody></table></div>",
         "<h2>Latent cards (first rows of the current view)</h2><div id='cards'></div>",
         f"<script type='application/json' id='report-data'>{payload}</script>",
         f"<script>{JS}</script></body></html>",

@@ -38,7 +38,8 @@ beta^base``). In general ``nu`` is the other model's beta over the direction's o
   and the components of ``y`` orthogonal to ``d_j`` drop out, leaving the simple regression
 
       beta = sum_n (f_nj - mean f_j) <d_j, y_n - mean y> / (||d_j||^2 sum_n (f_nj - mean f_j)^2)
-           = (sum_n f_nj <d_j, y_n> - sum_n f_nj <d_j, sum_n y_n> / N) / (||d_j||^2 (sum_n f_nj^2 - (sum_n f_nj)^2 / N)).
+           = (sum_n f_nj <d_j, y_n> - sum_n f_nj <d_j, sum_n y_n> / N)
+             / (||d_j||^2 (sum_n f_nj^2 - (sum_n f_nj)^2 / N)).
 
   Adding any constant to ``y`` (decoder bias, data mean, dense latents' mean) leaves it unchanged
   exactly. Centring only the targets (no intercept) gives the same numerator over ``||d_j||^2 sum_n
@@ -49,8 +50,9 @@ beta^base``). In general ``nu`` is the other model's beta over the direction's o
 Everything is computed in the crosscoder's normalised training space, in one streaming pass over
 chunks of ``n`` rows, with sums accumulated in float64. Targets are never materialised per latent:
 
-    sum_n f_nj <d_j, y_n^m> = d_j . (sum_n f_nj x_m,n - sum_n f_nj x_hat_m,n) + (d_j . d_j^m) sum_n f_nj^2  (error)
-    sum_n f_nj <d_j, y_n^m> = d_j . sum_n f_nj x_hat_m,n                                              (reconstruction)
+    sum_n f_nj <d_j, y_n^m> = d_j . (sum_n f_nj x_m,n - sum_n f_nj x_hat_m,n)
+                              + (d_j . d_j^m) sum_n f_nj^2                     (error)
+    sum_n f_nj <d_j, y_n^m> = d_j . sum_n f_nj x_hat_m,n                       (reconstruction)
 
 so one product ``f^T [x - r | x_hat - r]`` per chunk serves both targets, both models, both directions
 and all modes, with ``sum_n f_nj``, ``sum_n f_nj^2`` and ``sum_n [x_n | x_hat_n]``. ``r [n_models,

@@ -24,7 +24,9 @@ from ..normalization import Normalization
 
 
 class Accumulator(Protocol):
-    def update(self, x: torch.Tensor, f: torch.Tensor, x_hat: torch.Tensor, rows: np.ndarray | None = None) -> None:
+    def update(
+        self, x: torch.Tensor, f: torch.Tensor, x_hat: torch.Tensor, rows: np.ndarray | None = None
+    ) -> None:
         """``x, x_hat [n, n_models, d_model]`` (normalised), ``f [n, d_latent]``, ``rows [n]`` cache rows."""
 
 
@@ -40,8 +42,12 @@ def normalised_model(model: CrossCoder) -> CrossCoder:
     return m.eval()
 
 
-def open_pair(cache: str | None = None, base_data: str | None = None, ft_data: str | None = None,
-              column: str = "activation") -> PairedCache:
+def open_pair(
+    cache: str | None = None,
+    base_data: str | None = None,
+    ft_data: str | None = None,
+    column: str = "activation",
+) -> PairedCache:
     """The paired activations to analyse: a cache folder, or two aligned HF datasets (converted once)."""
     if cache:
         return PairedCache(cache, verify="size")
@@ -60,13 +66,18 @@ def select_rows(n_rows: int, max_tokens: int | None, seed: int = 0) -> np.ndarra
     return np.sort(rng.choice(n_rows, size=max_tokens, replace=False)).astype(np.int64)
 
 
-def iter_chunks(cache: PairedCache, rows: np.ndarray, norm: Normalization | Sequence[float], chunk: int = 1024,
-                device: str | torch.device = "cpu") -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+def iter_chunks(
+    cache: PairedCache,
+    rows: np.ndarray,
+    norm: Normalization | Sequence[float],
+    chunk: int = 1024,
+    device: str | torch.device = "cpu",
+) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """``(rows [n], x [n, n_models, d_model])`` with ``x`` normalised (``norm``, e.g. the saved model's
     :meth:`~crosscoder.model.CrossCoder.normalization`, or bare per-model factors)."""
     norm = Normalization.of(norm)
     for lo in range(0, len(rows), chunk):
-        r = rows[lo:lo + chunk]
+        r = rows[lo : lo + chunk]
         yield r, norm.apply_(cache.read(r)).to(device)
 
 
@@ -79,7 +90,9 @@ class ActivationStats:
         self.sum = torch.zeros(d_latent, dtype=torch.float64, device=device)
         self.max = torch.zeros(d_latent, dtype=torch.float32, device=device)
 
-    def update(self, x: torch.Tensor, f: torch.Tensor, x_hat: torch.Tensor, rows: np.ndarray | None = None) -> None:
+    def update(
+        self, x: torch.Tensor, f: torch.Tensor, x_hat: torch.Tensor, rows: np.ndarray | None = None
+    ) -> None:
         self.n_tokens += f.shape[0]
         self.count += torch.count_nonzero(f, dim=0)
         self.sum += f.sum(0).double()
@@ -91,9 +104,14 @@ class ActivationStats:
         n = max(self.n_tokens, 1)
         count = self.count.cpu().numpy()
         s = self.sum.cpu().numpy()
-        return {"freq": count / n, "mean_act": np.where(count > 0, s / np.maximum(count, 1), 0.0),
-                "mean_act_all": s / n, "max_act": self.max.cpu().numpy().astype(np.float64),
-                "n_active": count, "dead": count == 0}
+        return {
+            "freq": count / n,
+            "mean_act": np.where(count > 0, s / np.maximum(count, 1), 0.0),
+            "mean_act_all": s / n,
+            "max_act": self.max.cpu().numpy().astype(np.float64),
+            "n_active": count,
+            "dead": count == 0,
+        }
 
 
 class ReconstructionStats:
@@ -105,7 +123,9 @@ class ReconstructionStats:
         self.sx = None
         self.sxx = torch.zeros(n_models, dtype=torch.float64)
 
-    def update(self, x: torch.Tensor, f: torch.Tensor, x_hat: torch.Tensor, rows: np.ndarray | None = None) -> None:
+    def update(
+        self, x: torch.Tensor, f: torch.Tensor, x_hat: torch.Tensor, rows: np.ndarray | None = None
+    ) -> None:
         xd = x.double().cpu()
         self.sse += (xd - x_hat.double().cpu()).pow(2).sum((0, 2))
         self.sx = xd.sum(0) if self.sx is None else self.sx + xd.sum(0)  # [M, d]
@@ -123,9 +143,15 @@ class ReconstructionStats:
 
 
 @torch.no_grad()
-def scan(model: CrossCoder, cache: PairedCache, rows: np.ndarray, accumulators: Sequence[Accumulator],
-         norm: Normalization | Sequence[float], chunk: int = 1024,
-         progress: Callable[[int, int], None] | None = None) -> None:
+def scan(
+    model: CrossCoder,
+    cache: PairedCache,
+    rows: np.ndarray,
+    accumulators: Sequence[Accumulator],
+    norm: Normalization | Sequence[float],
+    chunk: int = 1024,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
     """Run ``model`` (normalised, see :func:`normalised_model`) over ``rows`` of ``cache``.
 
     ``norm``: the raw-to-normalised map (the saved model's :meth:`~crosscoder.model.CrossCoder.normalization`,
@@ -133,9 +159,13 @@ def scan(model: CrossCoder, cache: PairedCache, rows: np.ndarray, accumulators: 
     """
     norm = Normalization.of(norm)
     if len(norm.scale) != cache.n_models or cache.n_models != model.cfg.n_models:
-        raise CrossCoderError(f"{cache.path}: {cache.n_models} models, the crosscoder has {model.cfg.n_models}")
+        raise CrossCoderError(
+            f"{cache.path}: {cache.n_models} models, the crosscoder has {model.cfg.n_models}"
+        )
     if cache.d_model != model.cfg.d_model:
-        raise CrossCoderError(f"{cache.path}: d_model {cache.d_model}, the crosscoder has {model.cfg.d_model}")
+        raise CrossCoderError(
+            f"{cache.path}: d_model {cache.d_model}, the crosscoder has {model.cfg.d_model}"
+        )
     model.eval()
     dev = model.W_dec.device
     done = 0

@@ -32,8 +32,15 @@ from ..errors import CrossCoderError
 from ..model import CrossCoder
 
 
-def heldout_sequences(dataset: str, tokenizer: Any, seq_len: int, n: int, skip: int = 0,
-                      text_column: str = "text", pack: bool = True) -> list[TokenSequence]:
+def heldout_sequences(
+    dataset: str,
+    tokenizer: Any,
+    seq_len: int,
+    n: int,
+    skip: int = 0,
+    text_column: str = "text",
+    pack: bool = True,
+) -> list[TokenSequence]:
     """``n`` token sequences of ``dataset`` after the first ``skip`` (e.g. the ones a cache was
     collected from), tokenized like collection does (:func:`crosscoder.data.text.iter_sequences`)."""
     from ..data.text import iter_sequences, iter_texts, load_text_dataset
@@ -48,8 +55,12 @@ def heldout_sequences(dataset: str, tokenizer: Any, seq_len: int, n: int, skip: 
     return out
 
 
-def _trace(site_model: Any, batch: dict[str, torch.Tensor], replace: torch.Tensor | None = None,
-           save_site: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _trace(
+    site_model: Any,
+    batch: dict[str, torch.Tensor],
+    replace: torch.Tensor | None = None,
+    save_site: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One nnsight trace: logits ``[B, T, vocab]`` (and the site output when ``save_site``), with the
     site output replaced by ``replace [B, T, d_model]`` when given."""
     nn = site_model.nn
@@ -62,20 +73,24 @@ def _trace(site_model: Any, batch: dict[str, torch.Tensor], replace: torch.Tenso
             site_out = mod.output.save()
         logits = nn.output.logits.save()
     if isinstance(site_out, (tuple, list)):
-        raise CrossCoderError(f"--site {site_model.site}: its output is a tuple; spliced-in evaluation needs a module "
-                              "that returns one tensor (a block, an MLP)")
+        raise CrossCoderError(
+            f"--site {site_model.site}: its output is a tuple; spliced-in evaluation needs a module "
+            "that returns one tensor (a block, an MLP)"
+        )
     return logits.float(), site_out
 
 
 def _replaced(site_out: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
-    """``site_out [B, T, d]`` with the positions in ``mask [B, T]`` set to ``values [n, d]`` (zeros if None)."""
+    """``site_out [B, T, d]`` with the positions in ``mask [B, T]`` set to ``values [n, d]``
+    (zeros if None)."""
     out = site_out.clone()
     out[mask] = 0 if values is None else values.to(out.dtype)
     return out
 
 
-def _token_metrics(logits: torch.Tensor, clean_logp: torch.Tensor, targets: torch.Tensor,
-                   pred_mask: torch.Tensor) -> tuple[float, float]:
+def _token_metrics(
+    logits: torch.Tensor, clean_logp: torch.Tensor, targets: torch.Tensor, pred_mask: torch.Tensor
+) -> tuple[float, float]:
     """Summed CE and KL(clean || variant) over predictions in ``pred_mask [B, T-1]``."""
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
     ce = -logp.gather(-1, targets[..., None])[..., 0]
@@ -84,9 +99,16 @@ def _token_metrics(logits: torch.Tensor, clean_logp: torch.Tensor, targets: torc
 
 
 @torch.no_grad()
-def spliced_eval(crosscoder: CrossCoder, base: Any, ft: Any, seqs: Iterable[TokenSequence], pad_id: int,
-                 bos_id: int | None = None, batch_size: int = 16,
-                 progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+def spliced_eval(
+    crosscoder: CrossCoder,
+    base: Any,
+    ft: Any,
+    seqs: Iterable[TokenSequence],
+    pad_id: int,
+    bos_id: int | None = None,
+    batch_size: int = 16,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
     """Spliced-in CE/KL for both models (``base``, ``ft``: :class:`crosscoder.data.collect.SiteModel`).
 
     ``crosscoder`` is the saved (folded) model; it runs in eval mode. Returns
@@ -103,7 +125,7 @@ def spliced_eval(crosscoder: CrossCoder, base: Any, ft: Any, seqs: Iterable[Toke
     if not seqs:
         raise CrossCoderError("spliced-in evaluation: no held-out sequences")
     for lo in range(0, len(seqs), batch_size):
-        part = seqs[lo:lo + batch_size]
+        part = seqs[lo : lo + batch_size]
         batch = make_batch(part, pad_id, dev)
         ids, attn = batch["input_ids"], batch["attention_mask"].bool()
         mask = attn & (ids != bos_id) if bos_id is not None else attn.clone()  # replaced positions
@@ -119,10 +141,16 @@ def spliced_eval(crosscoder: CrossCoder, base: Any, ft: Any, seqs: Iterable[Toke
         x_hat = x_hat.to(acts["base"].dtype)
 
         variants = {
-            "base": {"spliced": _replaced(acts["base"], mask, x_hat[:, 0]), "zero": _replaced(acts["base"], mask)},
-            "ft": {"spliced": _replaced(acts["ft"], mask, x_hat[:, 1]), "zero": _replaced(acts["ft"], mask),
-                   "base_recon": _replaced(acts["ft"], mask, x_hat[:, 0]),
-                   "base_acts": _replaced(acts["ft"], mask, x[:, 0])},
+            "base": {
+                "spliced": _replaced(acts["base"], mask, x_hat[:, 0]),
+                "zero": _replaced(acts["base"], mask),
+            },
+            "ft": {
+                "spliced": _replaced(acts["ft"], mask, x_hat[:, 1]),
+                "zero": _replaced(acts["ft"], mask),
+                "base_recon": _replaced(acts["ft"], mask, x_hat[:, 0]),
+                "base_acts": _replaced(acts["ft"], mask, x[:, 0]),
+            },
         }
         for name, sm in zip(names, (base, ft), strict=True):
             clean_logp = F.log_softmax(clean[name][:, :-1], dim=-1)
@@ -138,7 +166,9 @@ def spliced_eval(crosscoder: CrossCoder, base: Any, ft: Any, seqs: Iterable[Toke
         if progress is not None:
             progress(n_seq)
     if n_pred == 0:
-        raise CrossCoderError("spliced-in evaluation: no predictions at replaced positions (sequences too short?)")
+        raise CrossCoderError(
+            "spliced-in evaluation: no predictions at replaced positions (sequences too short?)"
+        )
     mean = {k: v / n_pred for k, v in sums.items()}
     out: dict[str, Any] = {"n_predictions": n_pred, "n_sequences": n_seq}
     for name in names:
@@ -147,19 +177,32 @@ def spliced_eval(crosscoder: CrossCoder, base: Any, ft: Any, seqs: Iterable[Toke
         r["frac_recovered"] = (r["ce_zero"] - r["ce_spliced"]) / gap if abs(gap) > 1e-9 else float("nan")
         out[name] = {k: v for k, v in r.items() if not k.endswith(("base_recon", "base_acts"))}
     f = out["ft"]
-    out["ft_swap"] = {"ce_base_recon": mean["ft/ce_base_recon"], "kl_base_recon": mean["ft/kl_base_recon"],
-                      "ce_base_acts": mean["ft/ce_base_acts"], "kl_base_acts": mean["ft/kl_base_acts"],
-                      "ce_increase_base_recon": mean["ft/ce_base_recon"] - f["ce_spliced"]}
+    out["ft_swap"] = {
+        "ce_base_recon": mean["ft/ce_base_recon"],
+        "kl_base_recon": mean["ft/kl_base_recon"],
+        "ce_base_acts": mean["ft/ce_base_acts"],
+        "kl_base_acts": mean["ft/kl_base_acts"],
+        "ce_increase_base_recon": mean["ft/ce_base_recon"] - f["ce_spliced"],
+    }
     return out
 
 
 def format_spliced(res: dict[str, Any]) -> str:
-    lines = [f"spliced-in evaluation ({res['n_sequences']} held-out sequences, {res['n_predictions']} predictions):"]
+    lines = [
+        f"spliced-in evaluation ({res['n_sequences']} held-out sequences, "
+        f"{res['n_predictions']} predictions):"
+    ]
     for name in ("base", "ft"):
         r = res[name]
-        lines.append(f"  {name:<4} CE clean {r['ce_clean']:.4f}  spliced {r['ce_spliced']:.4f}  zero {r['ce_zero']:.4f}"
-                     f"  recovered {100 * r['frac_recovered']:.1f}%  KL spliced {r['kl_spliced']:.4f}  zero {r['kl_zero']:.4f}")
+        lines.append(
+            f"  {name:<4} CE clean {r['ce_clean']:.4f}  spliced {r['ce_spliced']:.4f}"
+            f"  zero {r['ce_zero']:.4f}  recovered {100 * r['frac_recovered']:.1f}%"
+            f"  KL spliced {r['kl_spliced']:.4f}  zero {r['kl_zero']:.4f}"
+        )
     s = res["ft_swap"]
-    lines.append(f"  ft with the base reconstruction swapped in: CE {s['ce_base_recon']:.4f} (KL {s['kl_base_recon']:.4f}); "
-                 f"with the base activation: CE {s['ce_base_acts']:.4f} (KL {s['kl_base_acts']:.4f})")
+    lines.append(
+        f"  ft with the base reconstruction swapped in: CE {s['ce_base_recon']:.4f} "
+        f"(KL {s['kl_base_recon']:.4f}); "
+        f"with the base activation: CE {s['ce_base_acts']:.4f} (KL {s['kl_base_acts']:.4f})"
+    )
     return "\n".join(lines)

@@ -11,7 +11,8 @@ and ``n_f = ||d_ft||`` for one latent:
 
 both 0 = base-only, 0.5 = equal, 1 = fine-tuned-only.
 
-Classification (:class:`Thresholds`, defaults per architecture from its ``exclusive_band``, :func:`thresholds_for`):
+Classification (:class:`Thresholds`, defaults per architecture from its ``exclusive_band``,
+:func:`thresholds_for`):
 
 1. by norm: ``base_only`` if r < band, ``ft_only`` if r > 1 - band, ``shared`` if |r - 0.5| <=
    ``shared_band``, else ``other`` (``norm_class``);
@@ -74,7 +75,9 @@ class Thresholds:
         if not 0.0 < self.exclusive_band < 0.5:
             raise CrossCoderError(f"exclusive_band: must be in (0, 0.5), got {self.exclusive_band}")
         if not 0.0 <= self.shared_band < 0.5 - self.exclusive_band:
-            raise CrossCoderError(f"shared_band: must be in [0, 0.5 - exclusive_band), got {self.shared_band}")
+            raise CrossCoderError(
+                f"shared_band: must be in [0, 0.5 - exclusive_band), got {self.shared_band}"
+            )
 
 
 def thresholds_for(arch: str, **overrides: Any) -> Thresholds:
@@ -92,7 +95,9 @@ def decoder_metrics(model: CrossCoder) -> dict[str, np.ndarray]:
     """Per-latent decoder metrics in the normalised space, each ``[d_latent]`` float64:
     ``dec_norm_base``, ``dec_norm_ft``, ``relative_norm``, ``delta_norm``, ``cos_sim``."""
     if model.cfg.n_models != 2:
-        raise CrossCoderError(f"diffing metrics need a two-model crosscoder (this one has {model.cfg.n_models})")
+        raise CrossCoderError(
+            f"diffing metrics need a two-model crosscoder (this one has {model.cfg.n_models})"
+        )
     norms = model.dec_norms().detach().double().cpu()  # [h, 2]
     n_b, n_f = norms[:, 0], norms[:, 1]
     tot = n_b + n_f
@@ -101,8 +106,13 @@ def decoder_metrics(model: CrossCoder) -> dict[str, np.ndarray]:
     delta = torch.where(mx > 0, ((n_f - n_b) / mx.clamp_min(1e-30) + 1) / 2, torch.full_like(mx, 0.5))
     w = model.W_dec.detach().double().cpu()
     cos = torch.nn.functional.cosine_similarity(w[:, 0], w[:, 1], dim=-1, eps=1e-30)
-    return {"dec_norm_base": n_b.numpy(), "dec_norm_ft": n_f.numpy(), "relative_norm": r.numpy(),
-            "delta_norm": delta.numpy(), "cos_sim": cos.numpy()}
+    return {
+        "dec_norm_base": n_b.numpy(),
+        "dec_norm_ft": n_f.numpy(),
+        "relative_norm": r.numpy(),
+        "delta_norm": delta.numpy(),
+        "cos_sim": cos.numpy(),
+    }
 
 
 def norm_classes(relative_norm: np.ndarray, t: Thresholds) -> np.ndarray:
@@ -115,9 +125,13 @@ def norm_classes(relative_norm: np.ndarray, t: Thresholds) -> np.ndarray:
     return out
 
 
-def classify(relative_norm: np.ndarray, t: Thresholds, n_active: np.ndarray | None = None,
-             nu_ft: tuple[np.ndarray, np.ndarray] | None = None,
-             nu_base: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def classify(
+    relative_norm: np.ndarray,
+    t: Thresholds,
+    n_active: np.ndarray | None = None,
+    nu_ft: tuple[np.ndarray, np.ndarray] | None = None,
+    nu_base: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Final classes. ``nu_ft = (nu_error, nu_reconstruction)`` fitted along the fine-tuned decoder,
     ``nu_base`` the mirror along the base decoder (each ``[d_latent]``).
 
@@ -130,9 +144,13 @@ def classify(relative_norm: np.ndarray, t: Thresholds, n_active: np.ndarray | No
     return cls, by_norm, flag
 
 
-def exclusive_flags(candidates: np.ndarray, t: Thresholds, n_active: np.ndarray | None = None,
-                    nu_ft: tuple[np.ndarray, np.ndarray] | None = None,
-                    nu_base: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+def exclusive_flags(
+    candidates: np.ndarray,
+    t: Thresholds,
+    n_active: np.ndarray | None = None,
+    nu_ft: tuple[np.ndarray, np.ndarray] | None = None,
+    nu_base: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
     """Why each ``base_only`` / ``ft_only`` entry of ``candidates`` does not hold (``""`` when it does; other
     entries get ``""`` or ``dead``): ``dead`` (never fired), ``too_rare`` (fewer than ``min_active``
     scanned tokens), then with Latent Scaling ``scaling_undefined``, ``complete_shrinkage`` (``|nu_error|``
@@ -159,15 +177,22 @@ def exclusive_flags(candidates: np.ndarray, t: Thresholds, n_active: np.ndarray 
             # |nu|: a base share of either sign (an anti-aligned direction is still present) counts.
             shrink = cand & ~undefined & (np.abs(nu_e) > t.nu_error_max)
             decouple = cand & ~undefined & ~shrink & (np.abs(nu_r) > t.nu_reconstruction_max)
-            for mask, name_ in ((undefined, "scaling_undefined"), (shrink, "complete_shrinkage"),
-                                (decouple, "latent_decoupling")):
+            for mask, name_ in (
+                (undefined, "scaling_undefined"),
+                (shrink, "complete_shrinkage"),
+                (decouple, "latent_decoupling"),
+            ):
                 flag[mask] = name_
     return flag
 
 
-def latent_columns(model: CrossCoder, thresholds: Thresholds | None = None,
-                   stats: dict[str, np.ndarray] | None = None, scaling_ft: LatentScalingResult | None = None,
-                   scaling_base: LatentScalingResult | None = None) -> dict[str, np.ndarray]:
+def latent_columns(
+    model: CrossCoder,
+    thresholds: Thresholds | None = None,
+    stats: dict[str, np.ndarray] | None = None,
+    scaling_ft: LatentScalingResult | None = None,
+    scaling_base: LatentScalingResult | None = None,
+) -> dict[str, np.ndarray]:
     """The latent table as a dict of equal-length ``[d_latent]`` columns (no pandas needed).
 
     ``stats``: :meth:`crosscoder.analysis.scan.ActivationStats.result`; ``scaling_*``: Latent Scaling
@@ -191,12 +216,20 @@ def latent_columns(model: CrossCoder, thresholds: Thresholds | None = None,
             beta = getattr(scaling_ft, f"beta_{target}").numpy().astype(np.float64)
             cols[f"beta_{target}_base"], cols[f"beta_{target}_ft"] = beta[0], beta[1]
     else:
-        for k in ("beta_ratio_error", "beta_ratio_reconstruction", "beta_error_base", "beta_error_ft",
-                  "beta_reconstruction_base", "beta_reconstruction_ft"):
+        for k in (
+            "beta_ratio_error",
+            "beta_ratio_reconstruction",
+            "beta_error_base",
+            "beta_error_ft",
+            "beta_reconstruction_base",
+            "beta_reconstruction_ft",
+        ):
             cols[k] = nan.copy()
     if scaling_base is not None:
         nu_base = (scaling_base.nu_error.numpy(), scaling_base.nu_reconstruction.numpy())
-        cols["beta_ratio_error_mirror"], cols["beta_ratio_reconstruction_mirror"] = (v.astype(np.float64) for v in nu_base)
+        cols["beta_ratio_error_mirror"], cols["beta_ratio_reconstruction_mirror"] = (
+            v.astype(np.float64) for v in nu_base
+        )
     else:
         cols["beta_ratio_error_mirror"], cols["beta_ratio_reconstruction_mirror"] = nan.copy(), nan.copy()
     n_active = cols["n_active"] if stats else None
@@ -208,9 +241,14 @@ def latent_columns(model: CrossCoder, thresholds: Thresholds | None = None,
     return cols
 
 
-def add_layout_columns(cols: dict[str, np.ndarray], kinds: list[str], t: Thresholds,
-                       n_active: np.ndarray | None = None, nu_ft: tuple[np.ndarray, np.ndarray] | None = None,
-                       nu_base: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+def add_layout_columns(
+    cols: dict[str, np.ndarray],
+    kinds: list[str],
+    t: Thresholds,
+    n_active: np.ndarray | None = None,
+    nu_ft: tuple[np.ndarray, np.ndarray] | None = None,
+    nu_base: tuple[np.ndarray, np.ndarray] | None = None,
+) -> None:
     """The layout columns (module docstring): ``kind``, ``layout_nu_error``, ``layout_nu_reconstruction``,
     ``layout_check``; constrained latents get their class by construction and an empty ``flag``."""
     kind = np.asarray(kinds, dtype=object)
@@ -261,7 +299,9 @@ def _median(v: np.ndarray) -> float:
     return float(np.median(v)) if len(v) else float("nan")
 
 
-def layout_summary(cols: dict[str, np.ndarray], layout: Any, violations: dict[str, float] | None = None) -> dict[str, Any]:
+def layout_summary(
+    cols: dict[str, np.ndarray], layout: Any, violations: dict[str, float] | None = None
+) -> dict[str, Any]:
     """Per partition (``kind``) of a table from :func:`latent_columns`: size, live latents, and for the
     dedicated ones the partition check (``layout_check`` counts, median ``|nu|`` along their own model's
     decoder); for designated shared latents the largest ``|r - 0.5|`` and the smallest decoder cosine (0 and
@@ -313,7 +353,9 @@ def write_table(cols: dict[str, np.ndarray], out_dir: Any) -> None:
 
     from ..io import atomic_path
 
-    table = pa.table({k: (pa.array(v.astype(str)) if v.dtype == object else pa.array(v)) for k, v in cols.items()})
+    table = pa.table(
+        {k: (pa.array(v.astype(str)) if v.dtype == object else pa.array(v)) for k, v in cols.items()}
+    )
     out_dir = Path(out_dir)
     with atomic_path(out_dir / "latents.parquet") as tmp:
         pq.write_table(table, str(tmp))

@@ -15,7 +15,19 @@ import sys
 from ..errors import CrossCoderError
 
 # Modules are imported lazily so that `crosscoder train` never pays for nnsight's import.
-COMMANDS = ["train", "synth", "collect", "sites", "export", "demo", "analyze", "convert", "push", "bench", "plan"]
+COMMANDS = [
+    "train",
+    "synth",
+    "collect",
+    "sites",
+    "export",
+    "demo",
+    "analyze",
+    "convert",
+    "push",
+    "bench",
+    "plan",
+]
 
 
 def _available() -> dict[str, str]:
@@ -30,7 +42,9 @@ def _available() -> dict[str, str]:
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(prog="crosscoder", description="Train and analyse crosscoders for model diffing.")
+    parser = argparse.ArgumentParser(
+        prog="crosscoder", description="Train and analyse crosscoders for model diffing."
+    )
     parser.add_argument("--version", action="version", version=f"crosscoder {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     mods = _available()

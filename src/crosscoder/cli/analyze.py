@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-tokens",
         type=int,
         default=500_000,
-        help="tokens scanned for frequencies, Latent Scaling and contexts (a seeded sample; default 500000; 0 = all)",
+        help="tokens scanned for frequencies, Latent Scaling and contexts "
+        "(a seeded sample; default 500000; 0 = all)",
     )
     d.add_argument(
         "--ground-truth", help="planted features of a synthetic pair (default: found beside the data)"
@@ -85,9 +86,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     k.add_argument(
         "--compare-to",
         metavar="OTHER_RUN",
-        help="another crosscoder folder trained on the same data (e.g. a free crosscoder): match each latent to "
-        "its best latent there by per-model decoder cosine and report, per partition of this run, how many match "
-        "and the relative-norm class of the matches (summary.json 'comparison', report.html, match_* columns)",
+        help="another crosscoder folder trained on the same data (e.g. a free crosscoder): match each "
+        "latent to its best latent there by per-model decoder cosine and report, per partition of this "
+        "run, how many match and the relative-norm class of the matches (summary.json 'comparison', "
+        "report.html, match_* columns)",
     )
     k.add_argument(
         "--compare-threshold",

@@ -20,7 +20,9 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser | Any, cls: type, title: str | None = None) -> None:
+def add_dataclass_arguments(
+    parser: argparse.ArgumentParser | Any, cls: type, title: str | None = None
+) -> None:
     group = parser.add_argument_group(title or cls.__name__)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -32,16 +34,28 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser | Any, cls: type, ti
         default = f.default if f.default is not dataclasses.MISSING else None
         help_ = f"{meta.get('help', '')} (default: {default})"
         if tp is bool:
-            group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+            group.add_argument(
+                *flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_
+            )
         else:
-            group.add_argument(*flags, dest=f.name, type=tp, default=None, choices=meta.get("choices"),
-                               metavar=f.name.upper() if not meta.get("choices") else None, help=help_)
+            group.add_argument(
+                *flags,
+                dest=f.name,
+                type=tp,
+                default=None,
+                choices=meta.get("choices"),
+                metavar=f.name.upper() if not meta.get("choices") else None,
+                help=help_,
+            )
 
 
 def overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     """The fields of ``cls`` the user set on the command line."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-            if getattr(args, f.name, None) is not None}
+    return {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(cls)
+        if getattr(args, f.name, None) is not None
+    }
 
 
 def apply(obj: Any, values: dict[str, Any]) -> Any:

@@ -1,4 +1,5 @@
-"""``crosscoder collect``: paired activations of a base and a fine-tuned model at one site -> a paired cache."""
+"""``crosscoder collect``: paired activations of a base and a fine-tuned model at one site -> a
+paired cache."""
 
 from __future__ import annotations
 
@@ -12,27 +13,61 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--base-model", required=True, metavar="ID_OR_PATH", help="base model: hub id or local folder")
     a("--ft-model", required=True, metavar="ID_OR_PATH", help="fine-tuned model: hub id or local folder")
-    a("--site", required=True, metavar="MODULE_PATH",
-      help="module whose output is read, e.g. model.layers.13 (`crosscoder sites MODEL` lists them)")
-    a("--dataset", required=True, metavar="ID_OR_PATH",
-      help="text dataset: hub id, save_to_disk folder, or json/jsonl/parquet/txt/csv file(s), folder or glob")
+    a(
+        "--site",
+        required=True,
+        metavar="MODULE_PATH",
+        help="module whose output is read, e.g. model.layers.13 (`crosscoder sites MODEL` lists them)",
+    )
+    a(
+        "--dataset",
+        required=True,
+        metavar="ID_OR_PATH",
+        help="text dataset: hub id, save_to_disk folder, or json/jsonl/parquet/txt/csv file(s), "
+        "folder or glob",
+    )
     a("--out", required=True, metavar="CACHE", help="cache folder to write")
-    a("--num-tokens", type=int, default=1_000_000, help="rows (token positions) to collect (default: 1000000)")
+    a(
+        "--num-tokens",
+        type=int,
+        default=1_000_000,
+        help="rows (token positions) to collect (default: 1000000)",
+    )
     a("--seq-len", type=int, default=128, help="tokens per sequence, BOS included (default: 128)")
     a("--batch-size", type=int, default=32, help="sequences per model forward (default: 32)")
     a("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"), help="cache storage dtype")
-    a("--model-dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="dtype the models run in")
+    a(
+        "--model-dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="dtype the models run in",
+    )
     a("--text-column", default="text", help="text column (chat: the messages column, default `messages`)")
     a("--split", default="train", help="dataset split (hub ids and save_to_disk DatasetDicts)")
     a("--dataset-config", default=None, help="dataset configuration name (hub ids)")
-    a("--chat-template", default="none", choices=("base", "ft", "none"),
-      help="render a `messages` column with the base or fine-tuned tokenizer's chat template")
-    a("--pack", action=argparse.BooleanOptionalAction, default=True,
-      help="pack documents into full sequences (--no-pack: truncate each document)")
-    a("--allow-tokenizer-mismatch", action="store_true",
-      help="continue when the two tokenizers disagree (the base tokenizer feeds both models)")
-    a("--max-norm-ratio", type=float, default=None,
-      help="drop a position for both models when either norm exceeds this ratio to the running median")
+    a(
+        "--chat-template",
+        default="none",
+        choices=("base", "ft", "none"),
+        help="render a `messages` column with the base or fine-tuned tokenizer's chat template",
+    )
+    a(
+        "--pack",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="pack documents into full sequences (--no-pack: truncate each document)",
+    )
+    a(
+        "--allow-tokenizer-mismatch",
+        action="store_true",
+        help="continue when the two tokenizers disagree (the base tokenizer feeds both models)",
+    )
+    a(
+        "--max-norm-ratio",
+        type=float,
+        default=None,
+        help="drop a position for both models when either norm exceeds this ratio to the running median",
+    )
     a("--trust-remote-code", action="store_true", help="pass trust_remote_code to transformers")
     a("--base-revision", default=None, help="hub revision of the base model")
     a("--ft-revision", default=None, help="hub revision of the fine-tuned model")

@@ -18,7 +18,9 @@ from typing import Any
 from ..model.registry import architecture_names
 
 NAME = "demo"
-HELP = "offline demo: build a tiny base/fine-tuned GPT-2 pair, collect activations, train a batchtopk crosscoder"
+HELP = (
+    "offline demo: build a tiny base/fine-tuned GPT-2 pair, collect activations, train a batchtopk crosscoder"
+)
 
 # Relative-norm bins (the usual model-diffing convention).
 BASE_ONLY, FT_ONLY, SHARED = 0.1, 0.9, (0.3, 0.7)
@@ -29,7 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--out", default=None, help="folder for the cache and the crosscoder (default: under the cache folder)")
     a("--small", action="store_true", help="a much smaller pair and run (seconds; what the tests use)")
     a("--num-tokens", type=int, default=None, help="tokens to collect (default: 150000; --small 20000)")
-    a("--train-tokens", type=int, default=None, help="crosscoder training tokens (default: 1000000; --small 60000)")
+    a(
+        "--train-tokens",
+        type=int,
+        default=None,
+        help="crosscoder training tokens (default: 1000000; --small 60000)",
+    )
     a("--arch", default="batchtopk", choices=architecture_names(), help="crosscoder architecture")
     a("--d-latent", type=int, default=None, help="latents (default: 512; --small 128)")
     a("--k", type=int, default=None, help="batchtopk k (default: 16; --small 8)")
@@ -50,18 +57,37 @@ def latent_groups(model: Any, x_raw: Any) -> dict[str, Any]:
         norms = model.dec_norms()  # [h, 2], normalised space
         r = norms[:, 1] / norms.sum(-1).clamp_min(1e-12)
     alive = r[fired]
-    return {"base_only": int((alive < BASE_ONLY).sum()), "ft_only": int((alive > FT_ONLY).sum()),
-            "shared": int(((alive >= SHARED[0]) & (alive <= SHARED[1])).sum()),
-            "intermediate": int(len(alive) - (alive < BASE_ONLY).sum() - (alive > FT_ONLY).sum()
-                                - ((alive >= SHARED[0]) & (alive <= SHARED[1])).sum()),
-            "dead": int((~fired).sum()), "total": int(len(r)),
-            "histogram": torch.histc(alive, bins=10, min=0.0, max=1.0).int().tolist()}
+    return {
+        "base_only": int((alive < BASE_ONLY).sum()),
+        "ft_only": int((alive > FT_ONLY).sum()),
+        "shared": int(((alive >= SHARED[0]) & (alive <= SHARED[1])).sum()),
+        "intermediate": int(
+            len(alive)
+            - (alive < BASE_ONLY).sum()
+            - (alive > FT_ONLY).sum()
+            - ((alive >= SHARED[0]) & (alive <= SHARED[1])).sum()
+        ),
+        "dead": int((~fired).sum()),
+        "total": int(len(r)),
+        "histogram": torch.histc(alive, bins=10, min=0.0, max=1.0).int().tolist(),
+    }
 
 
-def run_demo(out: str | None = None, small: bool = False, num_tokens: int | None = None,
-             train_tokens: int | None = None, arch: str = "batchtopk", d_latent: int | None = None, k: int | None = None,
-             batch_size: int | None = None, site: str | None = None, threads: int = 1, rebuild: bool = False,
-             progress: bool = True, say: Any = print) -> dict[str, Any]:
+def run_demo(
+    out: str | None = None,
+    small: bool = False,
+    num_tokens: int | None = None,
+    train_tokens: int | None = None,
+    arch: str = "batchtopk",
+    d_latent: int | None = None,
+    k: int | None = None,
+    batch_size: int | None = None,
+    site: str | None = None,
+    threads: int = 1,
+    rebuild: bool = False,
+    progress: bool = True,
+    say: Any = print,
+) -> dict[str, Any]:
     """Build the pair, collect, train; returns the summary dict (also printed through ``say``)."""
     import numpy as np
     import torch
@@ -82,9 +108,21 @@ def run_demo(out: str | None = None, small: bool = False, num_tokens: int | None
     num_tokens = num_tokens or (20_000 if small else 150_000)
     root = Path(out) if out else cache_dir() / "demo_runs" / f"{pcfg.key()}-{num_tokens}-{site}"
     cache = root / "cache"
-    ccfg = CollectConfig(base_model=str(pair.base), ft_model=str(pair.ft), site=site, dataset=str(pair.corpus),
-                         out=str(cache), num_tokens=num_tokens, seq_len=pcfg.seq_len, batch_size=32,
-                         dtype="float32", threads=threads, progress=progress, resume=not rebuild, overwrite=rebuild)
+    ccfg = CollectConfig(
+        base_model=str(pair.base),
+        ft_model=str(pair.ft),
+        site=site,
+        dataset=str(pair.corpus),
+        out=str(cache),
+        num_tokens=num_tokens,
+        seq_len=pcfg.seq_len,
+        batch_size=32,
+        dtype="float32",
+        threads=threads,
+        progress=progress,
+        resume=not rebuild,
+        overwrite=rebuild,
+    )
     collect(ccfg, say=say)
     t_collect = time.perf_counter() - t0 - t_pair
     rows = PairedCache(cache, verify="size").n_rows
@@ -92,26 +130,51 @@ def run_demo(out: str | None = None, small: bool = False, num_tokens: int | None
     train_tokens = train_tokens or (60_000 if small else 1_000_000)
     val = min(8192 if not small else 2048, rows // 10)
     cfg = RunConfig(
-        model=CrossCoderConfig(arch=arch, d_latent=d_latent or (128 if small else 512), k=k or (8 if small else 16)),
-        train=TrainConfig(num_tokens=train_tokens, batch_size=bs, lr=3e-3, val_tokens=val,
-                          val_every=max(1, train_tokens // bs // 4), log_every=max(1, train_tokens // bs // 20),
-                          save_every=0, wandb="off", threads=threads, device="cpu", progress=progress,
-                          dead_tokens=min(1_000_000, max(bs, train_tokens // 50)), l1_coeff=2.0),
-        data=DataConfig(cache=str(cache), verify_cache="size"))
+        model=CrossCoderConfig(
+            arch=arch, d_latent=d_latent or (128 if small else 512), k=k or (8 if small else 16)
+        ),
+        train=TrainConfig(
+            num_tokens=train_tokens,
+            batch_size=bs,
+            lr=3e-3,
+            val_tokens=val,
+            val_every=max(1, train_tokens // bs // 4),
+            log_every=max(1, train_tokens // bs // 20),
+            save_every=0,
+            wandb="off",
+            threads=threads,
+            device="cpu",
+            progress=progress,
+            dead_tokens=min(1_000_000, max(bs, train_tokens // 50)),
+            l1_coeff=2.0,
+        ),
+        data=DataConfig(cache=str(cache), verify_cache="size"),
+    )
     metrics = run_training(cfg, root / "crosscoder", overwrite=True)
     t_train = time.perf_counter() - t0 - t_pair - t_collect
     model = CrossCoder.from_pretrained(root / "crosscoder")
     c = PairedCache(cache, verify="size")
     sample = np.random.default_rng(0).choice(c.n_rows, size=min(c.n_rows, 16384), replace=False)
     groups = latent_groups(model, c.read(np.sort(sample)))
-    summary = {"pair": str(pair.root), "pair_eval_loss": pair.info.get("eval_loss"), "site": site,
-               "cache": str(cache), "crosscoder": str(root / "crosscoder"), "rows": rows,
-               "explained_variance": metrics.get("val/explained_variance", metrics.get("explained_variance")),
-               "explained_variance_A": metrics.get("val/explained_variance_A", metrics.get("explained_variance_A")),
-               "explained_variance_B": metrics.get("val/explained_variance_B", metrics.get("explained_variance_B")),
-               "l0": metrics.get("val/l0_loss", metrics.get("l0_loss")), "latents": groups,
-               "seconds": {"pair": round(t_pair, 1), "collect": round(t_collect, 1), "train": round(t_train, 1),
-                           "total": round(time.perf_counter() - t0, 1)}}
+    summary = {
+        "pair": str(pair.root),
+        "pair_eval_loss": pair.info.get("eval_loss"),
+        "site": site,
+        "cache": str(cache),
+        "crosscoder": str(root / "crosscoder"),
+        "rows": rows,
+        "explained_variance": metrics.get("val/explained_variance", metrics.get("explained_variance")),
+        "explained_variance_A": metrics.get("val/explained_variance_A", metrics.get("explained_variance_A")),
+        "explained_variance_B": metrics.get("val/explained_variance_B", metrics.get("explained_variance_B")),
+        "l0": metrics.get("val/l0_loss", metrics.get("l0_loss")),
+        "latents": groups,
+        "seconds": {
+            "pair": round(t_pair, 1),
+            "collect": round(t_collect, 1),
+            "train": round(t_train, 1),
+            "total": round(time.perf_counter() - t0, 1),
+        },
+    }
     say(format_summary(summary))
     return summary
 
@@ -124,8 +187,10 @@ def format_summary(s: dict[str, Any]) -> str:
         f"model pair   {s['pair']}",
     ]
     if loss:
-        lines.append(f"  eval loss  prose: base {loss.get('base_prose')}, ft {loss.get('ft_prose')}   "
-                     f"code: base {loss.get('base_code')}, ft {loss.get('ft_code')}")
+        lines.append(
+            f"  eval loss  prose: base {loss.get('base_prose')}, ft {loss.get('ft_prose')}   "
+            f"code: base {loss.get('base_code')}, ft {loss.get('ft_code')}"
+        )
     lines += [
         f"activations  {s['rows']:,} paired tokens at {s['site']} -> {s['cache']}",
         f"crosscoder   {s['crosscoder']}  (load with CrossCoder.from_pretrained)",
@@ -145,7 +210,18 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    run_demo(out=args.out, small=args.small, num_tokens=args.num_tokens, train_tokens=args.train_tokens,
-             arch=args.arch, d_latent=args.d_latent, k=args.k, batch_size=args.batch_size, site=args.site, threads=args.threads,
-             rebuild=args.rebuild, progress=args.progress)
+    run_demo(
+        out=args.out,
+        small=args.small,
+        num_tokens=args.num_tokens,
+        train_tokens=args.train_tokens,
+        arch=args.arch,
+        d_latent=args.d_latent,
+        k=args.k,
+        batch_size=args.batch_size,
+        site=args.site,
+        threads=args.threads,
+        rebuild=args.rebuild,
+        progress=args.progress,
+    )
     return 0

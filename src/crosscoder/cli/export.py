@@ -7,21 +7,40 @@ from pathlib import Path
 from typing import Any
 
 NAME = "export"
-HELP = "export a paired cache as aligned Hugging Face datasets (OUT/base, OUT/ft), readable by train --base-data/--ft-data"
+HELP = (
+    "export a paired cache as aligned Hugging Face datasets (OUT/base, OUT/ft), "
+    "readable by train --base-data/--ft-data"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("cache", metavar="CACHE", help="paired cache folder (from `crosscoder collect`)")
-    parser.add_argument("out", metavar="OUT", help="folder to create, holding one save_to_disk dataset per model")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float16"),
-                        help="dtype of the activation column (default: float32)")
-    parser.add_argument("--column", default="activation", help="name of the vector column (default: activation)")
-    parser.add_argument("--chunk-rows", type=int, default=65536, help="rows converted at a time (memory bound)")
+    parser.add_argument(
+        "out", metavar="OUT", help="folder to create, holding one save_to_disk dataset per model"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "float16"),
+        help="dtype of the activation column (default: float32)",
+    )
+    parser.add_argument(
+        "--column", default="activation", help="name of the vector column (default: activation)"
+    )
+    parser.add_argument(
+        "--chunk-rows", type=int, default=65536, help="rows converted at a time (memory bound)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 
-def export_cache(cache_path: str, out: str, dtype: str = "float32", column: str = "activation",
-                 chunk_rows: int = 65536, overwrite: bool = False) -> list[str]:
+def export_cache(
+    cache_path: str,
+    out: str,
+    dtype: str = "float32",
+    column: str = "activation",
+    chunk_rows: int = 65536,
+    overwrite: bool = False,
+) -> list[str]:
     """Write ``OUT/<name>`` for each model (``base``, ``ft``; ``model_<i>`` beyond two): a ``save_to_disk``
     dataset with ``column`` (``[d_model]`` vectors), ``token_id``, ``sequence_id`` and ``position``; row ``i``
     is the same token in every dataset. Returns the dataset folders."""
@@ -41,9 +60,14 @@ def export_cache(cache_path: str, out: str, dtype: str = "float32", column: str 
         shutil.rmtree(target)
     names = ["base", "ft"] if cache.n_models == 2 else [f"model_{i}" for i in range(cache.n_models)]
     d = cache.d_model
-    features = datasets.Features({column: datasets.List(datasets.Value(dtype), length=d),
-                                  "token_id": datasets.Value("int64"), "sequence_id": datasets.Value("int64"),
-                                  "position": datasets.Value("int64")})
+    features = datasets.Features(
+        {
+            column: datasets.List(datasets.Value(dtype), length=d),
+            "token_id": datasets.Value("int64"),
+            "sequence_id": datasets.Value("int64"),
+            "position": datasets.Value("int64"),
+        }
+    )
     np_dtype = np.float32 if dtype == "float32" else np.float16
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
@@ -55,8 +79,9 @@ def export_cache(cache_path: str, out: str, dtype: str = "float32", column: str 
     return [str(target / n) for n in names]
 
 
-def _write(cache: Any, target: Path, names: list[str], column: str, features: Any, np_dtype: Any,
-           chunk_rows: int) -> None:
+def _write(
+    cache: Any, target: Path, names: list[str], column: str, features: Any, np_dtype: Any, chunk_rows: int
+) -> None:
     import tempfile
 
     import datasets
@@ -76,16 +101,32 @@ def _write(cache: Any, target: Path, names: list[str], column: str, features: An
                 acts = cache.read(rows)[:, m].numpy().astype(np_dtype)  # [n, d]
                 index = cache.read_index(rows)  # [n, 3]
                 vec = pa.FixedSizeListArray.from_arrays(pa.array(acts.reshape(-1)), d)
-                writer.write_table(pa.table({column: vec, "token_id": index[:, 0], "sequence_id": index[:, 1],
-                                             "position": index[:, 2]}))
+                writer.write_table(
+                    pa.table(
+                        {
+                            column: vec,
+                            "token_id": index[:, 0],
+                            "sequence_id": index[:, 1],
+                            "position": index[:, 2],
+                        }
+                    )
+                )
             writer.finalize()
             datasets.Dataset.from_file(str(arrow)).save_to_disk(str(tmp / name))
         models = [m.get("name") if isinstance(m, dict) else m for m in cache.meta.get("models") or []]
-        write_json(tmp / "export.json", {"cache": str(cache.path), "rows": cache.n_rows, "d_model": d,
-                                         "models": dict(zip(names, models, strict=False)),
-                                         "site": cache.meta.get("site"), "column": column,
-                                         "dtype": np.dtype(np_dtype).name,
-                                         "norm_scale": cache.norm_scale() if cache.stats else None})
+        write_json(
+            tmp / "export.json",
+            {
+                "cache": str(cache.path),
+                "rows": cache.n_rows,
+                "d_model": d,
+                "models": dict(zip(names, models, strict=False)),
+                "site": cache.meta.get("site"),
+                "column": column,
+                "dtype": np.dtype(np_dtype).name,
+                "norm_scale": cache.norm_scale() if cache.stats else None,
+            },
+        )
 
 
 def run(args: argparse.Namespace) -> int:

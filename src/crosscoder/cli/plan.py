@@ -33,8 +33,19 @@ def run(args: argparse.Namespace) -> int:
     for name in ("d_model", "dict_size", "batch_size", "n_models", "world_size"):
         if getattr(args, name) <= 0:
             raise CrossCoderError(f"--{name.replace('_', '-')}: must be positive")
-    pl = plan(args.d_model, args.dict_size, args.batch_size, args.n_models, args.arch, args.k, args.aux_k,
-              args.dtype, args.world_size, args.cache_tokens, args.cache_dtype)
+    pl = plan(
+        args.d_model,
+        args.dict_size,
+        args.batch_size,
+        args.n_models,
+        args.arch,
+        args.k,
+        args.aux_k,
+        args.dtype,
+        args.world_size,
+        args.cache_tokens,
+        args.cache_dtype,
+    )
     if args.json:
         print(json.dumps(pl.to_dict()))
         return 0
@@ -46,5 +57,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"activations         {human(pl.activation_bytes)} (local batch {pl.local_batch}, {args.dtype})")
     print(f"total per rank      {human(pl.total_bytes_per_rank)} (+10-20% allocator/framework overhead)")
     if args.cache_tokens:
-        print(f"cache on disk       {human(pl.cache_bytes)} for {args.cache_tokens:,} tokens ({args.cache_dtype})")
+        print(
+            f"cache on disk       {human(pl.cache_bytes)} for {args.cache_tokens:,} tokens "
+            f"({args.cache_dtype})"
+        )
     return 0

@@ -11,14 +11,21 @@ HELP = "list the module paths of a model usable as --site, with their output sha
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="hub id or local folder")
     parser.add_argument("--filter", default=None, help="only paths containing this text")
-    parser.add_argument("--all", action="store_true", help="also list modules whose output is not [batch, seq, d]")
+    parser.add_argument(
+        "--all", action="store_true", help="also list modules whose output is not [batch, seq, d]"
+    )
     parser.add_argument("--revision", default=None, help="hub revision")
-    parser.add_argument("--trust-remote-code", action="store_true", help="pass trust_remote_code to transformers")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="pass trust_remote_code to transformers"
+    )
 
 
-def list_sites(model: str, revision: str | None = None, trust_remote_code: bool = False) -> list[tuple[str, str, str]]:
+def list_sites(
+    model: str, revision: str | None = None, trust_remote_code: bool = False
+) -> list[tuple[str, str, str]]:
     """``(path, module class, output shape)`` for every module, from a forward on the meta device
-    (no weights are loaded; shapes of a 1 x 4 token input, ``B`` and ``T`` standing for batch and sequence)."""
+    (no weights are loaded; shapes of a 1 x 4 token input, ``B`` and ``T`` standing for batch and
+    sequence)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -31,7 +38,10 @@ def list_sites(model: str, revision: str | None = None, trust_remote_code: bool 
         with torch.device("meta"):
             hf = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001
-        raise DataError(f"{model}: cannot load model config ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise DataError(
+            f"{model}: cannot load model config "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     shapes: dict[str, str] = {}
 
     def describe(o: object) -> str:
@@ -47,6 +57,7 @@ def list_sites(model: str, revision: str | None = None, trust_remote_code: bool 
     def hook(name: str):
         def record(mod: object, inp: object, out: object) -> None:  # returns None: the output is not replaced
             shapes.setdefault(name, describe(out))
+
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in hf.named_modules() if n]
@@ -56,8 +67,11 @@ def list_sites(model: str, revision: str | None = None, trust_remote_code: bool 
     except Exception as e:  # noqa: BLE001 - shapes are best effort on the meta device
         import sys
 
-        print(f"note: the shape-only forward stopped early ({type(e).__name__}); later modules show "
-              "'(not run)'", file=sys.stderr)
+        print(
+            f"note: the shape-only forward stopped early ({type(e).__name__}); later modules show "
+            "'(not run)'",
+            file=sys.stderr,
+        )
     for h in handles:
         h.remove()
     return [(n, type(m).__name__, shapes.get(n, "(not run)")) for n, m in hf.named_modules() if n]

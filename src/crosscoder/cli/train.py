@@ -11,15 +11,19 @@ from ..config import CrossCoderConfig, DataConfig, RunConfig, TrainConfig, load_
 from .args import add_dataclass_arguments, apply, overrides
 
 NAME = "train"
-HELP = ("Train a crosscoder on paired activations (a cache, two HF datasets, two models on the fly, "
-        "or, with no data arguments, the built-in synthetic pair).")
+HELP = (
+    "Train a crosscoder on paired activations (a cache, two HF datasets, two models on the fly, "
+    "or, with no data arguments, the built-in synthetic pair)."
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="JSON/YAML config (a run's config.json reproduces it); flags override it")
     p.add_argument("--out", help="output folder (default: runs/crosscoder-<timestamp>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its newest checkpoint"
+    )
     add_dataclass_arguments(p, CrossCoderConfig, "model")
     add_dataclass_arguments(p, TrainConfig, "training")
     add_dataclass_arguments(p, DataConfig, "data")
@@ -28,12 +32,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def build_config(args: argparse.Namespace) -> RunConfig:
     cfg = RunConfig()
     if args.resume and args.out and (Path(args.out) / "config.json").is_file():
-        cfg = RunConfig.from_dict(json.loads((Path(args.out) / "config.json").read_text()), f"{args.out}/config.json")
+        cfg = RunConfig.from_dict(
+            json.loads((Path(args.out) / "config.json").read_text()), f"{args.out}/config.json"
+        )
     if args.config:
         cfg = RunConfig.from_dict(load_config_file(args.config), args.config)
-    cfg = RunConfig(model=apply(cfg.model, overrides(args, CrossCoderConfig)),
-                    train=apply(cfg.train, overrides(args, TrainConfig)),
-                    data=apply(cfg.data, overrides(args, DataConfig)))
+    cfg = RunConfig(
+        model=apply(cfg.model, overrides(args, CrossCoderConfig)),
+        train=apply(cfg.train, overrides(args, TrainConfig)),
+        data=apply(cfg.data, overrides(args, DataConfig)),
+    )
     d = cfg.data
     if not (args.config or args.resume or d.cache or d.base_data or d.ft_data or d.base_model or d.dataset):
         # The built-in synthetic pair: a short documented preset for what the user did not set.
@@ -46,8 +54,15 @@ def build_config(args: argparse.Namespace) -> RunConfig:
 
 # Applied to `crosscoder train` with no data arguments (flags still override each value).
 # ~2.75 planted features are active per token, so k=4; 512 latents for 176 planted features.
-SYNTHETIC_PRESET = {"num_tokens": 1_000_000, "batch_size": 512, "d_latent": 512, "k": 4, "l1_coeff": 3.0,
-                    "val_every": 200, "log_every": 50}
+SYNTHETIC_PRESET = {
+    "num_tokens": 1_000_000,
+    "batch_size": 512,
+    "d_latent": 512,
+    "k": 4,
+    "l1_coeff": 3.0,
+    "val_every": 200,
+    "log_every": 50,
+}
 
 
 def run(args: argparse.Namespace) -> int:

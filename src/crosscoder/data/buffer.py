@@ -34,16 +34,34 @@ log = logging.getLogger(__name__)
 class Buffer:
     """A refreshing, shuffled buffer of paired activations (see module docstring). A ``BatchSource``."""
 
-    def __init__(self, collector: PairCollector, sequences: Callable[[], Iterator[TokenSequence]], *,
-                 buffer_tokens: int, batch_size: int, model_batch_size: int, seed: int = 0, val_tokens: int = 0,
-                 norm_scaling: bool = True, norm_center: bool = True, device: str | torch.device = "cpu", info: dict[str, Any] | None = None,
-                 source_name: str = "dataset") -> None:
+    def __init__(
+        self,
+        collector: PairCollector,
+        sequences: Callable[[], Iterator[TokenSequence]],
+        *,
+        buffer_tokens: int,
+        batch_size: int,
+        model_batch_size: int,
+        seed: int = 0,
+        val_tokens: int = 0,
+        norm_scaling: bool = True,
+        norm_center: bool = True,
+        device: str | torch.device = "cpu",
+        info: dict[str, Any] | None = None,
+        source_name: str = "dataset",
+    ) -> None:
         if buffer_tokens < 2 * batch_size:
-            raise DataError(f"buffer_tokens: {buffer_tokens} must be at least twice the batch size ({batch_size})")
+            raise DataError(
+                f"buffer_tokens: {buffer_tokens} must be at least twice the batch size ({batch_size})"
+            )
         self.collector, self.sequences = collector, sequences
         self.n_models = len(collector.models)
         self.d_model = collector.d_model
-        self.buffer_tokens, self.batch_size, self.model_batch_size = buffer_tokens, batch_size, model_batch_size
+        self.buffer_tokens, self.batch_size, self.model_batch_size = (
+            buffer_tokens,
+            batch_size,
+            model_batch_size,
+        )
         self.seed, self.device, self.source_name = seed, torch.device(device), source_name
         self.info = dict(info or {})
         self.refreshes = 0
@@ -53,8 +71,14 @@ class Buffer:
         stats = RunningStats(self.n_models, self.d_model)
         stats.update(raw)
         self.stats = stats.to_dict()
-        self._set_norm(estimate(raw, center=norm_center, scaling=norm_scaling,
-                                mean=torch.from_numpy(stats.mean) if norm_center else None))
+        self._set_norm(
+            estimate(
+                raw,
+                center=norm_center,
+                scaling=norm_scaling,
+                mean=torch.from_numpy(stats.mean) if norm_center else None,
+            )
+        )
         val, self.val_index = self._take(val_tokens) if val_tokens > 0 else (raw[:0], index[:0])
         self.val = self.norm.apply_(val.to(self.device))
         self.buf = self.norm.apply_(raw.to(self.device))
@@ -99,8 +123,10 @@ class Buffer:
                 a, i = next(self._rows)
                 empty = empty + 1 if len(a) == 0 else 0
                 if empty > 1000:
-                    raise DataError(f"{self.source_name}: 1000 model batches in a row kept no position "
-                                    "(all BOS/padding, or --max-norm-ratio too low)")
+                    raise DataError(
+                        f"{self.source_name}: 1000 model batches in a row kept no position "
+                        "(all BOS/padding, or --max-norm-ratio too low)"
+                    )
             if have + len(a) > n:
                 cut = n - have
                 self._left = (a[cut:], i[cut:])
@@ -121,7 +147,7 @@ class Buffer:
 
     def refresh(self) -> None:
         """Replace the rows served since the last shuffle by new rows, then reshuffle everything."""
-        served = self.perm[:self.pointer]
+        served = self.perm[: self.pointer]
         raw, index = self._take(len(served))
         self.buf[served] = self.norm.apply_(raw.to(self.device))
         self.index[served] = index.to(self.device)
@@ -132,7 +158,7 @@ class Buffer:
         """``[batch_size, n_models, d_model]`` float32, normalised (``last_index`` holds its rows' index)."""
         if self.pointer + self.batch_size > self.buffer_tokens // 2:
             self.refresh()
-        rows = self.perm[self.pointer:self.pointer + self.batch_size]
+        rows = self.perm[self.pointer : self.pointer + self.batch_size]
         self.pointer += self.batch_size
         self._served += 1
         self.last_index = self.index[rows]
@@ -140,7 +166,7 @@ class Buffer:
 
     def val_batches(self) -> Iterator[torch.Tensor]:
         for i in range(0, len(self.val), self.batch_size):
-            yield self.val[i:i + self.batch_size]
+            yield self.val[i : i + self.batch_size]
 
     def sample_batches(self, n_tokens: int) -> Iterator[torch.Tensor]:
         """Rows of the current buffer (seeded choice), without serving them or moving the stream."""
@@ -148,12 +174,18 @@ class Buffer:
         n = min(self.buffer_tokens, max(self.batch_size, n_tokens))
         rows = torch.randperm(self.buffer_tokens, generator=g)[:n].to(self.device)
         for i in range(0, n, self.batch_size):
-            yield self.buf[rows[i:i + self.batch_size]]
+            yield self.buf[rows[i : i + self.batch_size]]
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": "buffer", "batches_served": self._served, "next_sequence": self.next_seq,
-                "norm_scale": list(self.norm_scale), "norm_mean": self.norm_mean, "refreshes": self.refreshes}
+        return {
+            "kind": "buffer",
+            "batches_served": self._served,
+            "next_sequence": self.next_seq,
+            "norm_scale": list(self.norm_scale),
+            "norm_mean": self.norm_mean,
+            "refreshes": self.refreshes,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume: keep the saved normalisation and refill the whole buffer from the saved stream position."""
@@ -186,21 +218,66 @@ def buffer_source(cfg: RunConfig, device: str | torch.device) -> Buffer:
     if missing:
         raise DataError("on-the-fly training needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
     device = resolve_device(str(device))
-    tokenizers = {name: load_tokenizer(spec, trust_remote_code=d.trust_remote_code)
-                  for name, spec in (("base", d.base_model), ("ft", d.ft_model))}
-    sequences, tok_info = prepare_stream(d.dataset, tokenizers, text_column=d.text_column,
-                                         chat_template=d.chat_template, seq_len=d.seq_len, pack=True,
-                                         allow_mismatch=d.allow_tokenizer_mismatch)
-    collector = build_collector(d.base_model, d.ft_model, d.site, tokenizer=tokenizers["base"], model_dtype=d.model_dtype,
-                                device=device, trust_remote_code=d.trust_remote_code, max_norm_ratio=d.max_norm_ratio)
-    info = {"source": {"buffer": {k: getattr(d, k) for k in ("base_model", "ft_model", "site", "dataset", "text_column",
-                                                             "chat_template", "seq_len", "buffer_tokens",
-                                                             "model_dtype", "max_norm_ratio")}},
-            "model_names": [m.name for m in collector.models], "site": d.site,
-            "fingerprints": {"tokenizer": tok_info["base"]}, "tokenizer": tok_info,
-            "revisions": [m.revision for m in collector.models]}
+    tokenizers = {
+        name: load_tokenizer(spec, trust_remote_code=d.trust_remote_code)
+        for name, spec in (("base", d.base_model), ("ft", d.ft_model))
+    }
+    sequences, tok_info = prepare_stream(
+        d.dataset,
+        tokenizers,
+        text_column=d.text_column,
+        chat_template=d.chat_template,
+        seq_len=d.seq_len,
+        pack=True,
+        allow_mismatch=d.allow_tokenizer_mismatch,
+    )
+    collector = build_collector(
+        d.base_model,
+        d.ft_model,
+        d.site,
+        tokenizer=tokenizers["base"],
+        model_dtype=d.model_dtype,
+        device=device,
+        trust_remote_code=d.trust_remote_code,
+        max_norm_ratio=d.max_norm_ratio,
+    )
+    info = {
+        "source": {
+            "buffer": {
+                k: getattr(d, k)
+                for k in (
+                    "base_model",
+                    "ft_model",
+                    "site",
+                    "dataset",
+                    "text_column",
+                    "chat_template",
+                    "seq_len",
+                    "buffer_tokens",
+                    "model_dtype",
+                    "max_norm_ratio",
+                )
+            }
+        },
+        "model_names": [m.name for m in collector.models],
+        "site": d.site,
+        "fingerprints": {"tokenizer": tok_info["base"]},
+        "tokenizer": tok_info,
+        "revisions": [m.revision for m in collector.models],
+    }
     if cfg.train.val_tokens is None:  # the stream has no end: the default held-out size, within the buffer
         cfg.train.val_tokens = min(DEFAULT_VAL_TOKENS, d.buffer_tokens // 4)
-    return Buffer(collector, sequences, buffer_tokens=d.buffer_tokens, batch_size=cfg.train.batch_size,
-                  model_batch_size=d.model_batch_size, seed=cfg.train.seed, val_tokens=cfg.train.val_tokens,
-                  norm_scaling=d.norm_scaling, norm_center=d.norm_center, device=device, info=info, source_name=d.dataset)
+    return Buffer(
+        collector,
+        sequences,
+        buffer_tokens=d.buffer_tokens,
+        batch_size=cfg.train.batch_size,
+        model_batch_size=d.model_batch_size,
+        seed=cfg.train.seed,
+        val_tokens=cfg.train.val_tokens,
+        norm_scaling=d.norm_scaling,
+        norm_center=d.norm_center,
+        device=device,
+        info=info,
+        source_name=d.dataset,
+    )

@@ -64,18 +64,32 @@ def load_tokenizer(spec: str, revision: str | None = None, trust_remote_code: bo
     """``AutoTokenizer.from_pretrained``."""
     from transformers import AutoTokenizer
 
-    return from_pretrained(AutoTokenizer, spec, "tokenizer", revision=revision, trust_remote_code=trust_remote_code)
+    return from_pretrained(
+        AutoTokenizer, spec, "tokenizer", revision=revision, trust_remote_code=trust_remote_code
+    )
 
 
-def load_hf_model(spec: str, revision: str | None = None, dtype: str = "float32", device: str | torch.device = "cpu",
-                  trust_remote_code: bool = False) -> Any:
+def load_hf_model(
+    spec: str,
+    revision: str | None = None,
+    dtype: str = "float32",
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+) -> Any:
     """``AutoModelForCausalLM.from_pretrained`` in ``dtype``, eval mode, on ``device``."""
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device)
     extra = {"device_map": str(device)} if device.type == "cuda" else {}  # load straight onto the GPU
-    model = from_pretrained(AutoModelForCausalLM, spec, "model", revision=revision, dtype=TORCH_DTYPES[dtype],
-                            trust_remote_code=trust_remote_code, **extra)
+    model = from_pretrained(
+        AutoModelForCausalLM,
+        spec,
+        "model",
+        revision=revision,
+        dtype=TORCH_DTYPES[dtype],
+        trust_remote_code=trust_remote_code,
+        **extra,
+    )
     return model.to(device).eval()
 
 
@@ -95,8 +109,9 @@ def check_site(model: Any, site: str, name: str) -> None:
     except AttributeError:
         lists = [n for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)]
         hint = f" (blocks live under {', '.join(lists)}.N)" if lists else ""
-        raise DataError(f"--site {site}: no such module in {name}{hint}; "
-                        f"`crosscoder sites {name}` lists them") from None
+        raise DataError(
+            f"--site {site}: no such module in {name}{hint}; `crosscoder sites {name}` lists them"
+        ) from None
 
 
 @dataclass
@@ -121,12 +136,22 @@ class SiteModel:
         ids = batch["input_ids"]
         if not isinstance(out, torch.Tensor) or out.dim() != 3 or tuple(out.shape[:2]) != tuple(ids.shape):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise DataError(f"--site {self.site}: output of {self.name} is {shape}, expected [batch, seq, d_model]")
+            raise DataError(
+                f"--site {self.site}: output of {self.name} is {shape}, expected [batch, seq, d_model]"
+            )
         return out
 
 
-def load_site_model(spec: str, site: str, *, tokenizer: Any, revision: str | None = None, dtype: str = "float32",
-                    device: str | torch.device = "cpu", trust_remote_code: bool = False) -> SiteModel:
+def load_site_model(
+    spec: str,
+    site: str,
+    *,
+    tokenizer: Any,
+    revision: str | None = None,
+    dtype: str = "float32",
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+) -> SiteModel:
     hf = load_hf_model(spec, revision, dtype, device, trust_remote_code)
     check_site(hf, site, spec)
     rev = revision or getattr(hf.config, "_commit_hash", None)
@@ -144,14 +169,14 @@ class NormFilter:
 
     def seed(self, norms: np.ndarray) -> None:
         """Start from known norms ``[n, n_models]`` (a resumed collection's last rows)."""
-        self.hist = np.asarray(norms, np.float64)[-self.window:]
+        self.hist = np.asarray(norms, np.float64)[-self.window :]
 
     def __call__(self, norms: torch.Tensor) -> torch.Tensor:
         """``norms [n, n_models]`` -> keep mask ``[n]`` (bool)."""
         x = norms.detach().double().cpu().numpy()
         med = np.median(self.hist if len(self.hist) else x, axis=0)
         keep = (x <= self.ratio * med).all(1)
-        self.hist = np.concatenate([self.hist, x[keep]])[-self.window:]
+        self.hist = np.concatenate([self.hist, x[keep]])[-self.window :]
         return torch.from_numpy(keep).to(norms.device)
 
 
@@ -179,7 +204,10 @@ class PairCollector:
             batch = make_batch([TokenSequence(0, [tok, tok])], self.pad_id, self.device)
             widths = [m.read(batch).shape[-1] for m in self.models]
             if len(set(widths)) != 1:
-                raise DataError(f"site widths differ between models: {dict(zip([m.name for m in self.models], widths, strict=False))}")
+                raise DataError(
+                    "site widths differ between models: "
+                    f"{dict(zip([m.name for m in self.models], widths, strict=False))}"
+                )
             self._d_model = widths[0]
         return self._d_model
 
@@ -196,7 +224,9 @@ class PairCollector:
         self.dropped["pad"] += int((~mask).sum())
         acts = torch.stack([m.read(batch)[keep] for m in self.models], dim=1).float()  # [n, M, d]
         seq_ids = torch.tensor([s.seq_id for s in seqs], dtype=torch.long, device=ids.device)
-        index = torch.stack([ids[keep], seq_ids[:, None].expand_as(ids)[keep], batch["position_ids"][keep]], dim=1)
+        index = torch.stack(
+            [ids[keep], seq_ids[:, None].expand_as(ids)[keep], batch["position_ids"][keep]], dim=1
+        )
         if self.filter is not None and len(acts):
             ok = self.filter(acts.norm(dim=-1))
             self.dropped["norm_outlier"] += int((~ok).sum())
@@ -204,7 +234,9 @@ class PairCollector:
         self.kept += len(acts)
         return acts, index
 
-    def iter_rows(self, seqs: Iterable[TokenSequence], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def iter_rows(
+        self, seqs: Iterable[TokenSequence], batch_size: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of ``batch_size`` sequences -> ``(acts, index)`` per batch (see :meth:`rows`)."""
         chunk: list[TokenSequence] = []
         for s in seqs:
@@ -216,8 +248,9 @@ class PairCollector:
             yield self.rows(chunk)
 
 
-def sequence_slice(seqs: Iterable[TokenSequence], start: int = 0, stop: int | None = None,
-                   rank: int = 0, world_size: int = 1) -> Iterator[TokenSequence]:
+def sequence_slice(
+    seqs: Iterable[TokenSequence], start: int = 0, stop: int | None = None, rank: int = 0, world_size: int = 1
+) -> Iterator[TokenSequence]:
     """Sequences with ``start <= seq_id < stop`` and ``seq_id % world_size == rank`` (one worker's share)."""
     for s in seqs:
         if stop is not None and s.seq_id >= stop:
@@ -226,22 +259,46 @@ def sequence_slice(seqs: Iterable[TokenSequence], start: int = 0, stop: int | No
             yield s
 
 
-def build_collector(base_model: str, ft_model: str, site: str, *, tokenizer: Any, model_dtype: str = "float32",
-                    device: torch.device, trust_remote_code: bool = False, revisions: tuple[str | None, str | None] = (None, None),
-                    max_norm_ratio: float | None = None) -> PairCollector:
+def build_collector(
+    base_model: str,
+    ft_model: str,
+    site: str,
+    *,
+    tokenizer: Any,
+    model_dtype: str = "float32",
+    device: torch.device,
+    trust_remote_code: bool = False,
+    revisions: tuple[str | None, str | None] = (None, None),
+    max_norm_ratio: float | None = None,
+) -> PairCollector:
     """Load both models (through nnsight) and return the collector for ``site``."""
-    models = [load_site_model(spec, site, tokenizer=tokenizer, revision=rev, dtype=model_dtype, device=device,
-                              trust_remote_code=trust_remote_code)
-              for spec, rev in zip((base_model, ft_model), revisions, strict=True)]
+    models = [
+        load_site_model(
+            spec,
+            site,
+            tokenizer=tokenizer,
+            revision=rev,
+            dtype=model_dtype,
+            device=device,
+            trust_remote_code=trust_remote_code,
+        )
+        for spec, rev in zip((base_model, ft_model), revisions, strict=True)
+    ]
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    return PairCollector(models=models, bos_id=tokenizer.bos_token_id, pad_id=pad, device=device,
-                         max_norm_ratio=max_norm_ratio)
+    return PairCollector(
+        models=models, bos_id=tokenizer.bos_token_id, pad_id=pad, device=device, max_norm_ratio=max_norm_ratio
+    )
 
 
-def collect(cfg: CollectConfig, on_batch: Callable[[int], None] | None = None,
-            say: Callable[[str], None] = print, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+def collect(
+    cfg: CollectConfig,
+    on_batch: Callable[[int], None] | None = None,
+    say: Callable[[str], None] = print,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, Any]:
     """Run a collection into ``cfg.out`` (resumable); returns a summary dict.
 
     ``on_batch(rows_total)`` is called after every model batch (tests use it to measure memory).
@@ -266,36 +323,75 @@ def collect(cfg: CollectConfig, on_batch: Callable[[int], None] | None = None,
     tok_b = load_tokenizer(cfg.base_model, cfg.base_revision, cfg.trust_remote_code)
     tok_f = load_tokenizer(cfg.ft_model, cfg.ft_revision, cfg.trust_remote_code)
     sequences, tok_info = prepare_stream(
-        cfg.dataset, {"base": tok_b, "ft": tok_f}, text_column=cfg.text_column, chat_template=cfg.chat_template,
-        seq_len=cfg.seq_len, pack=cfg.pack, split=cfg.split, dataset_config=cfg.dataset_config,
-        allow_mismatch=cfg.allow_tokenizer_mismatch)
+        cfg.dataset,
+        {"base": tok_b, "ft": tok_f},
+        text_column=cfg.text_column,
+        chat_template=cfg.chat_template,
+        seq_len=cfg.seq_len,
+        pack=cfg.pack,
+        split=cfg.split,
+        dataset_config=cfg.dataset_config,
+        allow_mismatch=cfg.allow_tokenizer_mismatch,
+    )
     device = resolve_device(cfg.device)
-    collector = build_collector(cfg.base_model, cfg.ft_model, cfg.site, tokenizer=tok_b, model_dtype=cfg.model_dtype,
-                                device=device, trust_remote_code=cfg.trust_remote_code,
-                                revisions=(cfg.base_revision, cfg.ft_revision), max_norm_ratio=cfg.max_norm_ratio)
+    collector = build_collector(
+        cfg.base_model,
+        cfg.ft_model,
+        cfg.site,
+        tokenizer=tok_b,
+        model_dtype=cfg.model_dtype,
+        device=device,
+        trust_remote_code=cfg.trust_remote_code,
+        revisions=(cfg.base_revision, cfg.ft_revision),
+        max_norm_ratio=cfg.max_norm_ratio,
+    )
     d_model = collector.d_model
     est = disk_estimate(cfg.num_tokens, 2, d_model, cfg.dtype)
     free_dir = Path(cfg.out).resolve() if cfg.out else Path.cwd()
     while not free_dir.exists():
         free_dir = free_dir.parent
     free = shutil.disk_usage(free_dir).free
-    say(f"disk estimate: {cfg.num_tokens:,} tokens x 2 models x {d_model} ({cfg.dtype}) = {_gb(est['acts_bytes'])}"
-        f" + index {_gb(est['index_bytes'])} = {_gb(est['total_bytes'])} (free: {_gb(free)})")
+    say(
+        f"disk estimate: {cfg.num_tokens:,} tokens x 2 models x {d_model} ({cfg.dtype}) = "
+        f"{_gb(est['acts_bytes'])} + index {_gb(est['index_bytes'])} = {_gb(est['total_bytes'])} "
+        f"(free: {_gb(free)})"
+    )
     if est["total_bytes"] > free:
         say("warning: the estimate exceeds the free disk space")
     if cfg.dry_run:
         return {"dry_run": True, "d_model": d_model, **est, "free_bytes": free}
 
-    record = {k: getattr(cfg, k) for k in ("base_model", "ft_model", "site", "dataset", "dataset_config", "split",
-                                          "text_column", "chat_template", "seq_len", "pack", "max_norm_ratio",
-                                          "model_dtype", "num_tokens", "batch_size")}
+    record = {
+        k: getattr(cfg, k)
+        for k in (
+            "base_model",
+            "ft_model",
+            "site",
+            "dataset",
+            "dataset_config",
+            "split",
+            "text_column",
+            "chat_template",
+            "seq_len",
+            "pack",
+            "max_norm_ratio",
+            "model_dtype",
+            "num_tokens",
+            "batch_size",
+        )
+    }
     record["tokenizer_fingerprint"] = tok_info["base"]
     record["dtype"] = cfg.dtype
     if existing is not None:
         _check_resume(existing, record, cfg.out)
-    meta = {"models": [{"name": m.name, "revision": m.revision} for m in collector.models],
-            "site": cfg.site, "tokenizer": tok_info,
-            "tokenizer_fingerprint": tok_info["base"], "collect": record, "library_version": __version__}
+    meta = {
+        "models": [{"name": m.name, "revision": m.revision} for m in collector.models],
+        "site": cfg.site,
+        "tokenizer": tok_info,
+        "tokenizer_fingerprint": tok_info["base"],
+        "collect": record,
+        "library_version": __version__,
+    }
     row_bytes = 2 * d_model * BYTES[cfg.dtype] + 24
     shard_rows = max(1, int(cfg.shard_mb * 1e6 // row_bytes))
     writer = PairedCacheWriter(cfg.out, 2, d_model, cfg.dtype, shard_rows=shard_rows, meta=meta)
@@ -314,7 +410,8 @@ def collect(cfg: CollectConfig, on_batch: Callable[[int], None] | None = None,
     bar = tqdm(total=cfg.num_tokens, initial=total, unit="tok", desc="collect", disable=not cfg.progress)
     n_seq = 0
     for acts, index in collector.iter_rows(
-            sequence_slice(sequences(), start=max(last_seq, 0), rank=rank, world_size=world_size), cfg.batch_size):
+        sequence_slice(sequences(), start=max(last_seq, 0), rank=rank, world_size=world_size), cfg.batch_size
+    ):
         if last_seq >= 0:
             new = (index[:, 1] > last_seq) | (index[:, 2] > last_pos)
             acts, index = acts[new], index[new]
@@ -336,9 +433,21 @@ def collect(cfg: CollectConfig, on_batch: Callable[[int], None] | None = None,
     seconds = time.perf_counter() - t0
     prev = writer.meta.get("dropped", {})
     dropped = {k: v + int(prev.get(k, 0)) for k, v in collector.dropped.items()}
-    writer.close({"dropped": dropped, "n_sequences": max(n_seq, int(writer.meta.get("n_sequences", 0))),
-                  "exhausted": total < cfg.num_tokens})
+    writer.close(
+        {
+            "dropped": dropped,
+            "n_sequences": max(n_seq, int(writer.meta.get("n_sequences", 0))),
+            "exhausted": total < cfg.num_tokens,
+        }
+    )
     new_rows = collector.kept
     say(f"collected {total:,} rows into {cfg.out} ({new_rows / max(seconds, 1e-9):,.0f} tokens/s this run)")
-    return {"rows": total, "complete": True, "resumed": existing is not None, "seconds": seconds,
-            "tokens_per_s": new_rows / max(seconds, 1e-9), "d_model": d_model, "dropped": dropped}
+    return {
+        "rows": total,
+        "complete": True,
+        "resumed": existing is not None,
+        "seconds": seconds,
+        "tokens_per_s": new_rows / max(seconds, 1e-9),
+        "d_model": d_model,
+        "dropped": dropped,
+    }

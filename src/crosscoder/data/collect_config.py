@@ -44,8 +44,20 @@ class CollectConfig:
 
 
 # Fields of meta.json["collect"] that must match for a resume to continue the same stream.
-RESUME_KEYS = ("base_model", "ft_model", "site", "dataset", "dataset_config", "split", "text_column",
-               "chat_template", "seq_len", "pack", "max_norm_ratio", "tokenizer_fingerprint")
+RESUME_KEYS = (
+    "base_model",
+    "ft_model",
+    "site",
+    "dataset",
+    "dataset_config",
+    "split",
+    "text_column",
+    "chat_template",
+    "seq_len",
+    "pack",
+    "max_norm_ratio",
+    "tokenizer_fingerprint",
+)
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -79,8 +91,10 @@ def prepare_out(cfg: CollectConfig) -> dict[str, Any] | None:
             shutil.rmtree(out)
         return None
     if not cfg.resume:
-        raise DataError(f"{out}: exists (an {state} cache with {meta.get('n_rows', 0)} rows); "
-                        "pass --resume to continue it or --overwrite to replace it")
+        raise DataError(
+            f"{out}: exists (an {state} cache with {meta.get('n_rows', 0)} rows); "
+            "pass --resume to continue it or --overwrite to replace it"
+        )
     return meta
 
 
@@ -88,8 +102,10 @@ def _check_resume(meta: dict[str, Any], record: dict[str, Any], out: str) -> Non
     old = meta.get("collect", {})
     for key in RESUME_KEYS:
         if old.get(key) != record.get(key):
-            raise DataError(f"{out}/meta.json: cannot resume: {key} was {old.get(key)!r}, now {record.get(key)!r}")
+            raise DataError(
+                f"{out}/meta.json: cannot resume: {key} was {old.get(key)!r}, now {record.get(key)!r}"
+            )
     if meta.get("dtype") != record["dtype"]:
-        raise DataError(f"{out}/meta.json: cannot resume: dtype was {meta.get('dtype')!r}, now {record['dtype']!r}")
-
-
+        raise DataError(
+            f"{out}/meta.json: cannot resume: dtype was {meta.get('dtype')!r}, now {record['dtype']!r}"
+        )

@@ -35,7 +35,9 @@ def merge_caches(parts: list[Path], out: Path) -> dict[str, Any]:
     for p, m in zip(parts[1:], metas[1:], strict=True):
         for key in ("n_models", "d_model", "dtype", "site", "tokenizer_fingerprint"):
             if m.get(key) != first.get(key):
-                raise DataError(f"{p}/meta.json: {key} differs from rank 0 ({m.get(key)!r} vs {first.get(key)!r})")
+                raise DataError(
+                    f"{p}/meta.json: {key} differs from rank 0 ({m.get(key)!r} vs {first.get(key)!r})"
+                )
     stats = RunningStats(first["n_models"], first["d_model"])
     shards, dropped = [], {}
     for p, m in zip(parts, metas, strict=True):
@@ -48,10 +50,16 @@ def merge_caches(parts: list[Path], out: Path) -> dict[str, Any]:
                 os.replace(p / f"{sh['name']}.{suffix}.npy", out / f"{name}.{suffix}.npy")
             shards.append({**sh, "name": name})
     meta = {k: v for k, v in first.items() if k not in ("shards", "stats", "n_rows", "dropped")}
-    meta.update(shards=shards, n_rows=sum(sh["rows"] for sh in shards), stats=stats.to_dict(), dropped=dropped,
-                complete=True, world_size=len(parts),
-                n_sequences=max(int(m.get("n_sequences", 0)) for m in metas),
-                exhausted=all(m.get("exhausted", False) for m in metas))
+    meta.update(
+        shards=shards,
+        n_rows=sum(sh["rows"] for sh in shards),
+        stats=stats.to_dict(),
+        dropped=dropped,
+        complete=True,
+        world_size=len(parts),
+        n_sequences=max(int(m.get("n_sequences", 0)) for m in metas),
+        exhausted=all(m.get("exhausted", False) for m in metas),
+    )
     write_json(out / "meta.json", meta)
     for p in parts:
         shutil.rmtree(p, ignore_errors=True)
@@ -86,9 +94,14 @@ def collect_distributed(cfg: Any, d: Dist, say: Any = print) -> dict[str, Any]:
 
         if torch.cuda.is_available():
             device = f"cuda:{d.local_rank}"
-    part = dataclasses.replace(cfg, out=str(out / f"rank_{d.rank:03d}"), device=device,
-                               num_tokens=math.ceil(cfg.num_tokens / d.world_size),
-                               progress=cfg.progress and d.is_main, overwrite=False)
+    part = dataclasses.replace(
+        cfg,
+        out=str(out / f"rank_{d.rank:03d}"),
+        device=device,
+        num_tokens=math.ceil(cfg.num_tokens / d.world_size),
+        progress=cfg.progress and d.is_main,
+        overwrite=False,
+    )
     res = collect(part, say=say if d.is_main else (lambda s: None), rank=d.rank, world_size=d.world_size)
     d.barrier()
     if d.is_main:

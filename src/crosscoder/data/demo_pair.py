@@ -8,9 +8,10 @@
 (the *base* model), then trains a copy further on code (the *fine-tuned* model), and saves both with
 ``save_pretrained`` (each folder loads with ``AutoModelForCausalLM`` / ``AutoTokenizer``). It also writes
 ``corpus.jsonl``: the prose and code documents interleaved, held-out ones first, column ``text`` (plus
-``domain`` and ``split``) for collection. Results are cached under ``${CROSSCODER_CACHE_DIR:-~/.cache/crosscoder}/demo_pair/<hash>``
-where the hash covers :class:`DemoPairConfig`; a build is written to a temporary folder and renamed, so
-an interrupted build leaves nothing half-done.
+``domain`` and ``split``) for collection. Results are cached under
+``${CROSSCODER_CACHE_DIR:-~/.cache/crosscoder}/demo_pair/<hash>`` where the hash covers
+:class:`DemoPairConfig`; a build is written to a temporary folder and renamed, so an interrupted build
+leaves nothing half-done.
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ from ..io import atomic_dir
 
 DEMO_VERSION = 1
 SPECIAL = "<|endoftext|>"
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 
 @dataclass(frozen=True)
@@ -65,8 +68,19 @@ class DemoPairConfig:
 
 
 # A pair small enough for tests: builds in a few seconds.
-SMALL = DemoPairConfig(vocab_size=384, n_layer=2, n_embd=32, n_head=2, seq_len=32, batch_size=8,
-                       base_steps=30, ft_steps=30, prose_chars=120_000, code_chars=120_000, heldout_frac=0.3)
+SMALL = DemoPairConfig(
+    vocab_size=384,
+    n_layer=2,
+    n_embd=32,
+    n_head=2,
+    seq_len=32,
+    batch_size=8,
+    base_steps=30,
+    ft_steps=30,
+    prose_chars=120_000,
+    code_chars=120_000,
+    heldout_frac=0.3,
+)
 
 
 @dataclass
@@ -172,11 +186,20 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[SPECIAL], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[SPECIAL],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIAL, eos_token=SPECIAL,
-                                 unk_token=SPECIAL, model_max_length=1 << 30)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=SPECIAL,
+        eos_token=SPECIAL,
+        unk_token=SPECIAL,
+        model_max_length=1 << 30,
+    )
     hf.chat_template = CHAT_TEMPLATE
     return hf
 
@@ -194,7 +217,8 @@ def _train(model: Any, blocks: torch.Tensor, steps: int, batch_size: int, lr: fl
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
     model.train()
     for _ in range(steps):
         x = blocks[torch.randint(0, len(blocks), (batch_size,), generator=g)]
@@ -210,8 +234,10 @@ def _train(model: Any, blocks: torch.Tensor, steps: int, batch_size: int, lr: fl
 @torch.no_grad()
 def eval_loss(model: Any, blocks: torch.Tensor, batch_size: int = 16) -> float:
     """Mean next-token loss over ``blocks [n, seq_len]``."""
-    losses = [float(model(input_ids=blocks[i:i + batch_size], labels=blocks[i:i + batch_size]).loss)
-              for i in range(0, len(blocks), batch_size)]
+    losses = [
+        float(model(input_ids=blocks[i : i + batch_size], labels=blocks[i : i + batch_size]).loss)
+        for i in range(0, len(blocks), batch_size)
+    ]
     return sum(losses) / max(len(losses), 1)
 
 
@@ -234,20 +260,39 @@ def _build(cfg: DemoPairConfig, out: Path, say: Callable[[str], None]) -> dict[s
     code_train, code_eval = _split(code_documents(cfg.code_chars), cfg.heldout_frac, rng)
     tok = train_tokenizer(prose_train + code_train, cfg.vocab_size)
     say(f"tokenizer: vocab {len(tok)} ({time.perf_counter() - t0:.1f}s)")
-    blocks = {name: _blocks(d, tok, cfg.seq_len) for name, d in
-              (("prose", prose_train), ("code", code_train), ("prose_eval", prose_eval), ("code_eval", code_eval))}
+    blocks = {
+        name: _blocks(d, tok, cfg.seq_len)
+        for name, d in (
+            ("prose", prose_train),
+            ("code", code_train),
+            ("prose_eval", prose_eval),
+            ("code_eval", code_eval),
+        )
+    }
     torch.manual_seed(cfg.seed)
-    gcfg = GPT2Config(vocab_size=len(tok), n_positions=max(cfg.seq_len, 128), n_embd=cfg.n_embd,
-                      n_layer=cfg.n_layer, n_head=cfg.n_head, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    gcfg = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=max(cfg.seq_len, 128),
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     base = GPT2LMHeadModel(gcfg)
     _train(base, blocks["prose"], cfg.base_steps, cfg.batch_size, cfg.lr, cfg.seed)
     say(f"base model: {cfg.base_steps} steps on prose ({time.perf_counter() - t0:.1f}s)")
     ft = copy.deepcopy(base)
     _train(ft, blocks["code"], cfg.ft_steps, cfg.batch_size, cfg.ft_lr, cfg.seed + 1)
     say(f"fine-tuned model: {cfg.ft_steps} more steps on code ({time.perf_counter() - t0:.1f}s)")
-    losses = {f"{m}_{d}": round(eval_loss(model, blocks[f"{d}_eval"][:64]), 4)
-              for m, model in (("base", base), ("ft", ft)) for d in ("prose", "code")}
+    losses = {
+        f"{m}_{d}": round(eval_loss(model, blocks[f"{d}_eval"][:64]), 4)
+        for m, model in (("base", base), ("ft", ft))
+        for d in ("prose", "code")
+    }
     for name, model in (("base", base), ("ft", ft)):
         model.save_pretrained(out / name)
         tok.save_pretrained(out / name)
@@ -257,15 +302,24 @@ def _build(cfg: DemoPairConfig, out: Path, say: Callable[[str], None]) -> dict[s
                 for domain, docs in (("prose", prose), ("code", code)):
                     if i < len(docs):
                         fh.write(json.dumps({"text": docs[i], "domain": domain, "split": split}) + "\n")
-    info = {"config": dataclasses.asdict(cfg), "key": cfg.key(), "eval_loss": losses,
-            "params": sum(p.numel() for p in base.parameters()), "build_seconds": round(time.perf_counter() - t0, 1),
-            "heldout_docs": {"prose": len(prose_eval), "code": len(code_eval)}}
+    info = {
+        "config": dataclasses.asdict(cfg),
+        "key": cfg.key(),
+        "eval_loss": losses,
+        "params": sum(p.numel() for p in base.parameters()),
+        "build_seconds": round(time.perf_counter() - t0, 1),
+        "heldout_docs": {"prose": len(prose_eval), "code": len(code_eval)},
+    }
     (out / "info.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 
-def build_demo_pair(cfg: DemoPairConfig = DemoPairConfig(), root: str | os.PathLike | None = None,
-                    rebuild: bool = False, say: Callable[[str], None] | None = None) -> DemoPair:
+def build_demo_pair(
+    cfg: DemoPairConfig = DemoPairConfig(),
+    root: str | os.PathLike | None = None,
+    rebuild: bool = False,
+    say: Callable[[str], None] | None = None,
+) -> DemoPair:
     """Build the pair once (cached under ``root``, default ``cache_dir()/demo_pair``) and return its paths."""
     say = say or (lambda s: None)
     folder = Path(root) if root is not None else cache_dir() / "demo_pair"
@@ -283,4 +337,6 @@ def build_demo_pair(cfg: DemoPairConfig = DemoPairConfig(), root: str | os.PathL
             if not (target / "info.json").is_file():  # not a concurrent build that finished first
                 raise
     info = json.loads((target / "info.json").read_text())
-    return DemoPair(root=target, base=target / "base", ft=target / "ft", corpus=target / "corpus.jsonl", info=info)
+    return DemoPair(
+        root=target, base=target / "base", ft=target / "ft", corpus=target / "corpus.jsonl", info=info
+    )

@@ -53,7 +53,9 @@ def _load(spec: str, p: Path, flag: str) -> Any:
             files = sorted(str(f) for f in p.rglob("*.parquet")) if p.is_dir() else [str(p)]
             if not files:
                 raise DataError(f"{flag} {spec}: folder holds no dataset (no state.json, no parquet files)")
-            kind = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}.get(Path(files[0]).suffix)
+            kind = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}.get(
+                Path(files[0]).suffix
+            )
             if kind is None:
                 raise DataError(f"{flag} {spec}: unsupported file type {Path(files[0]).suffix!r}")
             if kind == "parquet":
@@ -101,14 +103,26 @@ def _chunk(ds: Any, column: str, lo: int, hi: int, d: int) -> np.ndarray:
 
 def fingerprint(base_spec: str, ft_spec: str, base: Any, ft: Any, column: str) -> str:
     h = hashlib.sha256()
-    for part in (getattr(base, "_fingerprint", base_spec), getattr(ft, "_fingerprint", ft_spec), column,
-                 str(len(base)), str(len(ft))):
+    for part in (
+        getattr(base, "_fingerprint", base_spec),
+        getattr(ft, "_fingerprint", ft_spec),
+        column,
+        str(len(base)),
+        str(len(ft)),
+    ):
         h.update(str(part).encode())
     return h.hexdigest()[:16]
 
 
-def pair_to_cache(base_spec: str, ft_spec: str, column: str = "activation", skip_nonfinite: bool = False,
-                  out: str | Path | None = None, chunk: int = 65536, verify: str = "crc") -> PairedCache:
+def pair_to_cache(
+    base_spec: str,
+    ft_spec: str,
+    column: str = "activation",
+    skip_nonfinite: bool = False,
+    out: str | Path | None = None,
+    chunk: int = 65536,
+    verify: str = "crc",
+) -> PairedCache:
     """Check the two datasets are aligned, convert them (once) and open the paired cache.
 
     Raises :class:`DataError` naming the dataset for: a missing column, an empty dataset, different
@@ -120,12 +134,18 @@ def pair_to_cache(base_spec: str, ft_spec: str, column: str = "activation", skip
     d_base = _vector_width(base, column, "--base-data", base_spec)
     d_ft = _vector_width(ft, column, "--ft-data", ft_spec)
     if len(base) != len(ft):
-        raise DataError(f"--base-data {base_spec} has {len(base)} rows but --ft-data {ft_spec} has {len(ft)}: "
-                        "the datasets must be row-aligned")
+        raise DataError(
+            f"--base-data {base_spec} has {len(base)} rows but --ft-data {ft_spec} has {len(ft)}: "
+            "the datasets must be row-aligned"
+        )
     if d_base != d_ft:
         raise DataError(f"--base-data {base_spec} has d_model {d_base} but --ft-data {ft_spec} has {d_ft}")
     fp = fingerprint(base_spec, ft_spec, base, ft, column)
-    target = Path(out) if out is not None else cache_root() / "converted" / f"{fp}{'-skip' if skip_nonfinite else ''}"
+    target = (
+        Path(out)
+        if out is not None
+        else cache_root() / "converted" / f"{fp}{'-skip' if skip_nonfinite else ''}"
+    )
     if (target / "meta.json").exists():
         return PairedCache(target, verify=verify)
     try:
@@ -136,14 +156,32 @@ def pair_to_cache(base_spec: str, ft_spec: str, column: str = "activation", skip
     return PairedCache(target, verify=verify)
 
 
-def _convert(base: Any, ft: Any, base_spec: str, ft_spec: str, column: str, d: int, skip_nonfinite: bool,
-             target: Path, chunk: int, fp: str) -> None:
+def _convert(
+    base: Any,
+    ft: Any,
+    base_spec: str,
+    ft_spec: str,
+    column: str,
+    d: int,
+    skip_nonfinite: bool,
+    target: Path,
+    chunk: int,
+    fp: str,
+) -> None:
     d_base = d_ft = d
     skipped = 0
     with atomic_dir(target) as tmp:
-        w = PairedCacheWriter(tmp, 2, d_base, "float32", meta={
-            "models": [{"name": base_spec}, {"name": ft_spec}], "site": None,
-            "source": {"base_data": base_spec, "ft_data": ft_spec, "column": column, "fingerprint": fp}})
+        w = PairedCacheWriter(
+            tmp,
+            2,
+            d_base,
+            "float32",
+            meta={
+                "models": [{"name": base_spec}, {"name": ft_spec}],
+                "site": None,
+                "source": {"base_data": base_spec, "ft_data": ft_spec, "column": column, "fingerprint": fp},
+            },
+        )
         for lo in range(0, len(base), chunk):
             hi = min(lo + chunk, len(base))
             pair = np.stack([_chunk(base, column, lo, hi, d_base), _chunk(ft, column, lo, hi, d_ft)], axis=1)
@@ -153,8 +191,10 @@ def _convert(base: Any, ft: Any, base_spec: str, ft_spec: str, column: str, d: i
                 if not skip_nonfinite:
                     which = "--base-data" if not np.isfinite(pair[bad - lo, 0]).all() else "--ft-data"
                     spec = base_spec if which == "--base-data" else ft_spec
-                    raise DataError(f"{which} {spec}: row {bad} has non-finite values (NaN/Inf); "
-                                    "pass --skip-nonfinite to drop such rows")
+                    raise DataError(
+                        f"{which} {spec}: row {bad} has non-finite values (NaN/Inf); "
+                        "pass --skip-nonfinite to drop such rows"
+                    )
                 skipped += int((~finite).sum())
                 pair = pair[finite]
             rows = np.arange(lo, hi)[finite] if skipped else np.arange(lo, hi)

@@ -62,13 +62,25 @@ def split_rows(n_rows: int, val_tokens: int, seed: int) -> tuple[np.ndarray, np.
 class CacheBatches:
     """Shuffled, normalised, prefetched batches over a :class:`PairedCache` (see module docstring)."""
 
-    def __init__(self, cache: PairedCache, batch_size: int, seed: int, norm: Normalization | list[float],
-                 val_tokens: int = 0, prefetch: int = 4, device: str | torch.device = "cpu",
-                 info: dict[str, Any] | None = None, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        cache: PairedCache,
+        batch_size: int,
+        seed: int,
+        norm: Normalization | list[float],
+        val_tokens: int = 0,
+        prefetch: int = 4,
+        device: str | torch.device = "cpu",
+        info: dict[str, Any] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         if batch_size % world_size:
             from ..errors import ConfigError
 
-            raise ConfigError(f"batch_size: {batch_size} is not divisible by the number of ranks ({world_size})")
+            raise ConfigError(
+                f"batch_size: {batch_size} is not divisible by the number of ranks ({world_size})"
+            )
         self.cache, self.batch_size, self.seed = cache, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.local_batch = batch_size // world_size
@@ -82,7 +94,9 @@ class CacheBatches:
         if len(self.train_rows) < batch_size:
             from ..errors import DataError
 
-            raise DataError(f"{cache.path}: {len(self.train_rows)} training rows, fewer than one batch ({batch_size})")
+            raise DataError(
+                f"{cache.path}: {len(self.train_rows)} training rows, fewer than one batch ({batch_size})"
+            )
         self.batches_per_epoch = len(self.train_rows) // batch_size
         self.prefetch = max(0, prefetch)
         self._served = 0
@@ -99,11 +113,11 @@ class CacheBatches:
         if epoch != self._perm_epoch:
             self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.train_rows)
             self._perm_epoch = epoch
-        return self._perm[j * self.batch_size:(j + 1) * self.batch_size]
+        return self._perm[j * self.batch_size : (j + 1) * self.batch_size]
 
     def _make(self, t: int) -> torch.Tensor:
         lo = self.rank * self.local_batch
-        x = self.cache.read(self.rows_for(t)[lo:lo + self.local_batch])
+        x = self.cache.read(self.rows_for(t)[lo : lo + self.local_batch])
         self.norm.apply_(x)
         if self.device.type == "cuda":
             return x.pin_memory()
@@ -147,8 +161,8 @@ class CacheBatches:
     def val_batches(self) -> Iterator[torch.Tensor]:
         """This rank's share of the held-out rows (rank r takes every world_size-th batch)."""
         starts = range(0, len(self.val_rows), self.batch_size)
-        for i in list(starts)[self.rank::self.world_size]:
-            x = self.cache.read(self.val_rows[i:i + self.batch_size])
+        for i in list(starts)[self.rank :: self.world_size]:
+            x = self.cache.read(self.val_rows[i : i + self.batch_size])
             yield self.norm.apply_(x).to(self.device)
 
     def sample_batches(self, n_tokens: int) -> Iterator[torch.Tensor]:
@@ -157,7 +171,7 @@ class CacheBatches:
         perm = np.random.default_rng([self.seed, 0xCA1]).permutation(self.train_rows)
         n = min(len(perm), max(self.batch_size, n_tokens))
         for lo in range(0, n, self.batch_size):
-            x = self.cache.read(np.sort(perm[lo:min(lo + self.batch_size, n)]))
+            x = self.cache.read(np.sort(perm[lo : min(lo + self.batch_size, n)]))
             yield self.norm.apply_(x).to(self.device)
 
     # ------------------------------------------------------------------ state

@@ -71,7 +71,7 @@ class RunningStats:
         """Add rows ``x [n, n_models, d_model]``."""
         x = x.detach()
         for lo in range(0, x.shape[0], self.CHUNK):
-            self._update(x[lo:lo + self.CHUNK])
+            self._update(x[lo : lo + self.CHUNK])
 
     def _update(self, x: torch.Tensor) -> None:
         xd = x.to(torch.float64).cpu()
@@ -89,9 +89,14 @@ class RunningStats:
 
     def to_dict(self) -> dict[str, Any]:
         c = max(self.count, 1)
-        return {"count": self.count, "norm_sum": self.norm_sum.tolist(),
-                "mean_norm": (self.norm_sum / c).tolist(), "mean": self.mean.tolist(),
-                "var": (self.m2 / c).tolist(), "m2": self.m2.tolist()}
+        return {
+            "count": self.count,
+            "norm_sum": self.norm_sum.tolist(),
+            "mean_norm": (self.norm_sum / c).tolist(),
+            "mean": self.mean.tolist(),
+            "var": (self.m2 / c).tolist(),
+            "m2": self.m2.tolist(),
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunningStats:
@@ -119,8 +124,15 @@ class PairedCacheWriter:
     Reopening an existing, incomplete cache continues it (``rows_written`` tells where it stopped).
     """
 
-    def __init__(self, path: str | os.PathLike, n_models: int, d_model: int, dtype: str = "float32",
-                 shard_rows: int = 1 << 18, meta: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        n_models: int,
+        d_model: int,
+        dtype: str = "float32",
+        shard_rows: int = 1 << 18,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
         if dtype not in STORAGE:
             raise DataError(f"dtype: unsupported cache dtype {dtype!r} (choices: {', '.join(STORAGE)})")
         self.path = Path(path)
@@ -129,13 +141,27 @@ class PairedCacheWriter:
         meta_path = self.path / "meta.json"
         if meta_path.exists():
             self.meta = read_json(meta_path)
-            if (self.meta["n_models"], self.meta["d_model"], self.meta["dtype"]) != (n_models, d_model, dtype):
-                raise DataError(f"{meta_path}: existing cache has n_models/d_model/dtype "
-                                f"{self.meta['n_models']}/{self.meta['d_model']}/{self.meta['dtype']}")
+            if (self.meta["n_models"], self.meta["d_model"], self.meta["dtype"]) != (
+                n_models,
+                d_model,
+                dtype,
+            ):
+                raise DataError(
+                    f"{meta_path}: existing cache has n_models/d_model/dtype "
+                    f"{self.meta['n_models']}/{self.meta['d_model']}/{self.meta['dtype']}"
+                )
             self.stats = RunningStats.from_dict(self.meta["stats"])
         else:
-            self.meta = {"format": FORMAT, "version": VERSION, "n_models": n_models, "d_model": d_model,
-                         "dtype": dtype, "n_rows": 0, "shards": [], "complete": False}
+            self.meta = {
+                "format": FORMAT,
+                "version": VERSION,
+                "n_models": n_models,
+                "d_model": d_model,
+                "dtype": dtype,
+                "n_rows": 0,
+                "shards": [],
+                "complete": False,
+            }
             self.stats = RunningStats(n_models, d_model)
         if meta:
             self.meta.update({k: v for k, v in meta.items() if k not in ("shards", "n_rows", "stats")})
@@ -221,7 +247,11 @@ class PairedCache:
             raise DataError(f"{self.path}: cache is incomplete (interrupted collection? resume it first)")
         if self.meta["n_rows"] == 0:
             raise DataError(f"{self.path}: cache is empty")
-        self.n_models, self.d_model, self.dtype = self.meta["n_models"], self.meta["d_model"], self.meta["dtype"]
+        self.n_models, self.d_model, self.dtype = (
+            self.meta["n_models"],
+            self.meta["d_model"],
+            self.meta["dtype"],
+        )
         self.acts: list[np.ndarray] = []
         self.index: list[np.ndarray] = []
         for sh in self.meta["shards"]:
@@ -230,8 +260,10 @@ class PairedCache:
                 if not f.is_file():
                     raise DataError(f"{f}: shard file missing")
                 if f.stat().st_size != sh[f"{suffix}_bytes"]:
-                    raise DataError(f"{f}: truncated or corrupted shard ({f.stat().st_size} bytes, "
-                                    f"expected {sh[f'{suffix}_bytes']})")
+                    raise DataError(
+                        f"{f}: truncated or corrupted shard ({f.stat().st_size} bytes, "
+                        f"expected {sh[f'{suffix}_bytes']})"
+                    )
                 if verify == "crc" and file_crc32(f) != sh[f"{suffix}_crc32"]:
                     raise DataError(f"{f}: corrupted shard (CRC32 mismatch)")
                 try:

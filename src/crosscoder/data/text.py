@@ -29,8 +29,14 @@ from ..errors import DataError
 
 log = logging.getLogger(__name__)
 
-FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv",
-                 ".arrow": "arrow"}
+FILE_BUILDERS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".csv": "csv",
+    ".arrow": "arrow",
+}
 CHAT_COLUMN = "messages"
 TOKENIZE_CHUNK = 256  # documents tokenized per call of the fast tokenizer
 
@@ -57,8 +63,9 @@ def _local_files(spec: str) -> list[str] | None:
     return [f for f in files if Path(f).suffix in FILE_BUILDERS]
 
 
-def load_text_dataset(spec: str, split: str = "train", config_name: str | None = None,
-                      streaming: bool = True) -> Any:
+def load_text_dataset(
+    spec: str, split: str = "train", config_name: str | None = None, streaming: bool = True
+) -> Any:
     """Open a dataset by hub id, ``save_to_disk`` folder or local files; returns a (Iterable)Dataset.
 
     Local files and folders load eagerly (map-style ``Dataset``); a hub id streams by default.
@@ -67,8 +74,9 @@ def load_text_dataset(spec: str, split: str = "train", config_name: str | None =
 
     path = Path(spec)
     try:
-        if path.is_dir() and any((path / n).is_file() for n in ("dataset_info.json", "state.json",
-                                                                "dataset_dict.json")):
+        if path.is_dir() and any(
+            (path / n).is_file() for n in ("dataset_info.json", "state.json", "dataset_dict.json")
+        ):
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
@@ -110,11 +118,18 @@ def render_chat(messages: Any, tokenizer: Any, which: str) -> str:
     try:
         return tokenizer.apply_chat_template(list(messages), tokenize=False)
     except Exception as e:  # noqa: BLE001
-        raise DataError(f"--chat-template {which}: cannot render a conversation ({type(e).__name__}: {e})") from None
+        raise DataError(
+            f"--chat-template {which}: cannot render a conversation ({type(e).__name__}: {e})"
+        ) from None
 
 
-def iter_texts(ds: Any, text_column: str = "text", chat_template: str = "none",
-               tokenizers: dict[str, Any] | None = None, source: str = "dataset") -> Iterator[str]:
+def iter_texts(
+    ds: Any,
+    text_column: str = "text",
+    chat_template: str = "none",
+    tokenizers: dict[str, Any] | None = None,
+    source: str = "dataset",
+) -> Iterator[str]:
     """Yield one text per row: ``row[text_column]``, or a conversation rendered as chat.
 
     Chat conversations are read from ``messages`` (or ``text_column`` when it is not ``"text"``).
@@ -145,8 +160,10 @@ def iter_texts(ds: Any, text_column: str = "text", chat_template: str = "none",
         elif value is None:
             continue
         else:
-            raise DataError(f"{source}: column {column!r} holds {type(value).__name__}, not text"
-                            + (" (chat data: use --chat-template base|ft)" if isinstance(value, list) else ""))
+            raise DataError(
+                f"{source}: column {column!r} holds {type(value).__name__}, not text"
+                + (" (chat data: use --chat-template base|ft)" if isinstance(value, list) else "")
+            )
 
 
 # ---------------------------------------------------------------------------------------------- tokens
@@ -167,8 +184,9 @@ def iter_documents(texts: Iterable[str], tokenizer: Any) -> Iterator[list[int]]:
         yield from tokenizer(chunk, add_special_tokens=False)["input_ids"]
 
 
-def iter_sequences(texts: Iterable[str], tokenizer: Any, seq_len: int, pack: bool = True,
-                   min_tokens: int = 2) -> Iterator[TokenSequence]:
+def iter_sequences(
+    texts: Iterable[str], tokenizer: Any, seq_len: int, pack: bool = True, min_tokens: int = 2
+) -> Iterator[TokenSequence]:
     """Token sequences of at most ``seq_len`` ids, each starting with BOS when the tokenizer has one.
 
     ``pack``: documents are joined with EOS into one stream cut into full windows (the last window may
@@ -236,24 +254,39 @@ def check_tokenizers(base: Any, ft: Any, samples: list[str], allow_mismatch: boo
             a = base(text, add_special_tokens=False)["input_ids"]
             b = ft(text, add_special_tokens=False)["input_ids"]
             if a != b:
-                j = next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-                problem = (f"sample {i} tokenizes differently from token {j} "
-                           f"(base {a[j:j + 4]} vs ft {b[j:j + 4]})")
+                j = next(
+                    (k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+                )
+                problem = (
+                    f"sample {i} tokenizes differently from token {j} "
+                    f"(base {a[j : j + 4]} vs ft {b[j : j + 4]})"
+                )
                 break
     if problem is None:
         return info
     info["mismatch"] = problem
     if not allow_mismatch:
-        raise DataError(f"tokenizers of the base and fine-tuned models differ: {problem}; "
-                        "activations would not align (pass --allow-tokenizer-mismatch to use the base tokenizer for both)")
+        raise DataError(
+            f"tokenizers of the base and fine-tuned models differ: {problem}; "
+            "activations would not align (pass --allow-tokenizer-mismatch to use the base tokenizer for both)"
+        )
     log.warning("tokenizer mismatch allowed: %s (base tokenizer feeds both models)", problem)
     return info
 
 
 # ---------------------------------------------------------------------------------------------- together
-def prepare_stream(dataset: str, tokenizers: dict[str, Any], *, text_column: str = "text", chat_template: str = "none",
-                   seq_len: int = 128, pack: bool = True, split: str = "train", dataset_config: str | None = None,
-                   allow_mismatch: bool = False) -> tuple[Callable[[], Iterator[TokenSequence]], dict[str, Any]]:
+def prepare_stream(
+    dataset: str,
+    tokenizers: dict[str, Any],
+    *,
+    text_column: str = "text",
+    chat_template: str = "none",
+    seq_len: int = 128,
+    pack: bool = True,
+    split: str = "train",
+    dataset_config: str | None = None,
+    allow_mismatch: bool = False,
+) -> tuple[Callable[[], Iterator[TokenSequence]], dict[str, Any]]:
     """Open ``dataset``, check the tokenizers on its first 32 texts, and return
     ``(sequences, tokenizer_info)``: ``sequences()`` restarts the deterministic stream of
     :class:`TokenSequence` (tokenized by ``tokenizers["base"]``) from the beginning."""
@@ -278,7 +311,7 @@ def make_batch(seqs: list[TokenSequence], pad_id: int, device: Any = "cpu") -> d
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, width - len(s.ids):] = torch.tensor(s.ids, dtype=torch.long)
-        mask[i, width - len(s.ids):] = 1
+        ids[i, width - len(s.ids) :] = torch.tensor(s.ids, dtype=torch.long)
+        mask[i, width - len(s.ids) :] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     return {k: v.to(device) for k, v in (("input_ids", ids), ("attention_mask", mask), ("position_ids", pos))}

@@ -64,8 +64,10 @@ def safe_torch_load(path: str | os.PathLike) -> dict[str, Any]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError (corrupt zip), ...
-        raise CrossCoderError(f"{path}: refused to load (only tensor state dicts are read, "
-                              f"never pickled objects): {first_line(e)}") from None
+        raise CrossCoderError(
+            f"{path}: refused to load (only tensor state dicts are read, "
+            f"never pickled objects): {first_line(e)}"
+        ) from None
     if not isinstance(obj, dict):
         raise CrossCoderError(f"{path}: expected a state dict (a dict of tensors), got {type(obj).__name__}")
     return dict(obj)

@@ -28,9 +28,15 @@ SOURCES: dict[str, Callable[..., Conversion]] = {
 }
 
 
-def load_foreign(source: str, path: str | os.PathLike, *, cfg_path: str | os.PathLike | None = None,
-                 norm_scale: list[float] | None = None, model_names: list[str] | None = None,
-                 site: str | None = None) -> Conversion:
+def load_foreign(
+    source: str,
+    path: str | os.PathLike,
+    *,
+    cfg_path: str | os.PathLike | None = None,
+    norm_scale: list[float] | None = None,
+    model_names: list[str] | None = None,
+    site: str | None = None,
+) -> Conversion:
     """Read a crosscoder of format ``source`` (a key of :data:`SOURCES`) into our model, in eval mode.
 
     The returned model takes ``x [batch, n_models, d_model]`` and gives the source's latents
@@ -41,10 +47,17 @@ def load_foreign(source: str, path: str | os.PathLike, *, cfg_path: str | os.Pat
     return SOURCES[source](path, cfg_path=cfg_path, norm_scale=norm_scale, model_names=model_names, site=site)
 
 
-def convert(source: str, path: str | os.PathLike, out: str | os.PathLike, *,
-            cfg_path: str | os.PathLike | None = None, norm_scale: list[float] | None = None,
-            model_names: list[str] | None = None, site: str | None = None,
-            overwrite: bool = False) -> tuple[Path, Conversion]:
+def convert(
+    source: str,
+    path: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    cfg_path: str | os.PathLike | None = None,
+    norm_scale: list[float] | None = None,
+    model_names: list[str] | None = None,
+    site: str | None = None,
+    overwrite: bool = False,
+) -> tuple[Path, Conversion]:
     """Convert ``path`` (format ``source``) and write the crosscoder folder ``out`` atomically.
 
     An existing ``out`` is refused unless ``overwrite``. Returns ``(out, conversion)``; the
@@ -53,5 +66,7 @@ def convert(source: str, path: str | os.PathLike, out: str | os.PathLike, *,
     out = Path(out)
     if out.exists() and not overwrite:
         raise CrossCoderError(f"{out}: already exists (pass --overwrite to replace it)")
-    conv = load_foreign(source, path, cfg_path=cfg_path, norm_scale=norm_scale, model_names=model_names, site=site)
+    conv = load_foreign(
+        source, path, cfg_path=cfg_path, norm_scale=norm_scale, model_names=model_names, site=site
+    )
     return save_conversion(conv, out, overwrite=overwrite), conv

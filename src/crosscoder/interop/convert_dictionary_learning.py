@@ -51,11 +51,21 @@ CODE_NORMALIZATION = {1: "CROSSCODER", 2: "SAE", 3: "MIXED", 4: "NONE", 5: "DECO
 L1_WEIGHTING = {"CROSSCODER": "sum", "SAE": "concat"}
 CLASSES = ("CrossCoder", "BatchTopKCrossCoder")
 NORMALIZER_KEYS = ("activation_mean", "activation_std", "activation_global_scale", "target_rms")
-KNOWN_KEYS = {"encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias", "code_normalization_id",
-              "k", "threshold", *NORMALIZER_KEYS}
+KNOWN_KEYS = {
+    "encoder.weight",
+    "encoder.bias",
+    "decoder.weight",
+    "decoder.bias",
+    "code_normalization_id",
+    "k",
+    "threshold",
+    *NORMALIZER_KEYS,
+}
 
 
-def resolve_dictionary_learning(path: str | Path, cfg_path: str | Path | None = None) -> tuple[Path, Path | None]:
+def resolve_dictionary_learning(
+    path: str | Path, cfg_path: str | Path | None = None
+) -> tuple[Path, Path | None]:
     """``(weights file, config.json or None)`` from a file or a ``save_pretrained`` folder."""
     path = Path(path)
     if path.is_dir():
@@ -66,8 +76,10 @@ def resolve_dictionary_learning(path: str | Path, cfg_path: str | Path | None = 
         else:
             pts = sorted(path.glob("*.pt"))
             if len(pts) != 1:
-                raise CrossCoderError(f"{path}: expected model.safetensors (+ config.json) or a single .pt "
-                                      f"state dict in the folder, found {len(pts)} .pt files")
+                raise CrossCoderError(
+                    f"{path}: expected model.safetensors (+ config.json) or a single .pt "
+                    f"state dict in the folder, found {len(pts)} .pt files"
+                )
             weights = pts[0]
         default_cfg: Path | None = path / "config.json"
     elif path.is_file():
@@ -98,26 +110,31 @@ def _code_normalization(sd: dict[str, Any], cfg: dict[str, Any], where: str, not
     if "code_normalization_id" in sd:
         cid = int(sd["code_normalization_id"].reshape(-1)[0].item())
         if cid not in CODE_NORMALIZATION:
-            raise CrossCoderError(f"{where}: 'code_normalization_id' = {cid} is not a known code normalisation")
+            raise CrossCoderError(
+                f"{where}: 'code_normalization_id' = {cid} is not a known code normalisation"
+            )
         from_sd = CODE_NORMALIZATION[cid]
     if from_cfg is not None:
         name = str(from_cfg).upper().split(".")[-1]  # "CROSSCODER" or "CodeNormalization.CROSSCODER"
         if from_sd is not None and name != from_sd:
-            raise CrossCoderError(f"{where}: code_normalization: config says {name} but "
-                                  f"'code_normalization_id' says {from_sd}")
+            raise CrossCoderError(
+                f"{where}: code_normalization: config says {name} but 'code_normalization_id' says {from_sd}"
+            )
     elif from_sd is not None:
         name = from_sd
     else:
         name = "CROSSCODER"
         notes.append("no code_normalization_id in the file: assuming CROSSCODER, as dictionary_learning does")
     if name not in L1_WEIGHTING:
-        raise CrossCoderError(f"{where}: code_normalization {name} cannot be represented exactly "
-                              f"(supported: CROSSCODER, SAE)")
+        raise CrossCoderError(
+            f"{where}: code_normalization {name} cannot be represented exactly (supported: CROSSCODER, SAE)"
+        )
     return name
 
 
-def _normalizer(sd: dict[str, Any], cfg: dict[str, Any], where: str, n: int,
-                d: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _normalizer(
+    sd: dict[str, Any], cfg: dict[str, Any], where: str, n: int, d: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(mean [L, d], global_scale [L])`` when the file carries an active input normaliser."""
     if "activation_mean" not in sd and "activation_std" not in sd:
         return None
@@ -126,8 +143,10 @@ def _normalizer(sd: dict[str, Any], cfg: dict[str, Any], where: str, n: int,
     if torch.isnan(mean).any() or torch.isnan(std).any():
         return None  # dictionary_learning's "no normaliser" (NaN placeholders)
     if cfg.get("keep_relative_variance") is False:
-        raise CrossCoderError(f"{where}: keep_relative_variance = false (per-dimension normalisation) "
-                              "cannot be represented exactly")
+        raise CrossCoderError(
+            f"{where}: keep_relative_variance = false (per-dimension normalisation) "
+            "cannot be represented exactly"
+        )
     if "activation_global_scale" in sd:
         scale = tensor(sd, "activation_global_scale", where, (n,))
     else:
@@ -138,10 +157,16 @@ def _normalizer(sd: dict[str, Any], cfg: dict[str, Any], where: str, n: int,
     return mean, scale
 
 
-def from_dictionary_learning(path: str | Path, *, cfg_path: str | Path | None = None,
-                             norm_scale: list[float] | None = None, model_names: list[str] | None = None,
-                             site: str | None = None) -> Conversion:
-    """Convert a dictionary_learning ``CrossCoder`` (-> ``vanilla``) or ``BatchTopKCrossCoder`` (-> ``batchtopk``).
+def from_dictionary_learning(
+    path: str | Path,
+    *,
+    cfg_path: str | Path | None = None,
+    norm_scale: list[float] | None = None,
+    model_names: list[str] | None = None,
+    site: str | None = None,
+) -> Conversion:
+    """Convert a dictionary_learning ``CrossCoder`` (-> ``vanilla``) or ``BatchTopKCrossCoder``
+    (-> ``batchtopk``).
 
     Args:
         path: ``.pt`` / ``.safetensors`` state dict, or a ``save_pretrained`` folder.
@@ -167,21 +192,29 @@ def from_dictionary_learning(path: str | Path, *, cfg_path: str | Path | None = 
         cfg = {**hub_cfg, **cfg}
     unknown = sorted(set(sd) - KNOWN_KEYS)
     if unknown:
-        raise CrossCoderError(f"{where}: unsupported key {unknown[0]!r} (not a dictionary_learning "
-                              "CrossCoder/BatchTopKCrossCoder state dict we can convert exactly)")
+        raise CrossCoderError(
+            f"{where}: unsupported key {unknown[0]!r} (not a dictionary_learning "
+            "CrossCoder/BatchTopKCrossCoder state dict we can convert exactly)"
+        )
     notes: list[str] = []
     dict_class = cfg.get("dict_class")
     if dict_class is not None and dict_class not in CLASSES:
-        raise CrossCoderError(f"{where}: dict_class {dict_class!r} is not supported (only {', '.join(CLASSES)})")
+        raise CrossCoderError(
+            f"{where}: dict_class {dict_class!r} is not supported (only {', '.join(CLASSES)})"
+        )
     w_enc = tensor(sd, "encoder.weight", where)
     if w_enc.dim() != 3:
-        raise CrossCoderError(f"{where}: 'encoder.weight' has shape {tuple(w_enc.shape)}, expected "
-                              "[num_layers, activation_dim, dict_size] (is this an SAE, not a crosscoder?)")
+        raise CrossCoderError(
+            f"{where}: 'encoder.weight' has shape {tuple(w_enc.shape)}, expected "
+            "[num_layers, activation_dim, dict_size] (is this an SAE, not a crosscoder?)"
+        )
     n, d, h = w_enc.shape
     for key, val in (("activation_dim", d), ("dict_size", h), ("num_layers", n)):
         if cfg.get(key) is not None and int(cfg[key]) != val:
-            raise CrossCoderError(f"{where}: {key} = {cfg[key]} in the config but 'encoder.weight' has shape "
-                                  f"{tuple(w_enc.shape)}")
+            raise CrossCoderError(
+                f"{where}: {key} = {cfg[key]} in the config but 'encoder.weight' has shape "
+                f"{tuple(w_enc.shape)}"
+            )
     layers = cfg.get("encoder_layers", cfg.get("encoder_layers_indices"))
     if layers is not None and list(layers) != list(range(n)):
         raise CrossCoderError(f"{where}: encoder_layers = {layers} (a subset of the inputs) is not supported")
@@ -197,20 +230,26 @@ def from_dictionary_learning(path: str | Path, *, cfg_path: str | Path | None = 
             if key not in sd:
                 raise CrossCoderError(f"{where}: missing key {key!r} (BatchTopKCrossCoder)")
         if sd["threshold"].numel() != 1:
-            raise CrossCoderError(f"{where}: 'threshold' has shape {tuple(sd['threshold'].shape)}: per-layer "
-                                  "(DECOUPLED) thresholds are not supported")
+            raise CrossCoderError(
+                f"{where}: 'threshold' has shape {tuple(sd['threshold'].shape)}: per-layer "
+                "(DECOUPLED) thresholds are not supported"
+            )
         k = int(sd["k"].reshape(-1)[0].item())
         threshold = float(sd["threshold"].reshape(-1)[0].item())
         if threshold < 0:
-            raise CrossCoderError(f"{where}: 'threshold' = {threshold} was never set by training; the source "
-                                  "would keep every positive latent at inference, which we cannot represent")
+            raise CrossCoderError(
+                f"{where}: 'threshold' = {threshold} was never set by training; the source "
+                "would keep every positive latent at inference, which we cannot represent"
+            )
         if k <= 0:
             raise CrossCoderError(f"{where}: 'k' = {k} must be positive")
 
     norm = _normalizer(sd, cfg, where, n, d)
     if norm is not None and norm_scale is not None:
-        raise CrossCoderError("--norm-scale: the file stores its own input normaliser (activation_mean/"
-                              "activation_std), which is folded in; do not pass --norm-scale")
+        raise CrossCoderError(
+            "--norm-scale: the file stores its own input normaliser (activation_mean/"
+            "activation_std), which is folded in; do not pass --norm-scale"
+        )
     scale = parse_norm_scale(norm_scale, n)
     if model_names is not None and len(model_names) != n:
         raise CrossCoderError(f"--model-names: expected {n} names, got {len(model_names)}")
@@ -218,16 +257,25 @@ def from_dictionary_learning(path: str | Path, *, cfg_path: str | Path | None = 
     w_dec_ours = w_dec.permute(1, 0, 2).contiguous()  # [h, L, d]
     if norm is not None:
         mean, gscale = norm
-        shift = (gscale[:, None].double() * mean.double())  # [L, d] = normalised-space image of the mean
+        shift = gscale[:, None].double() * mean.double()  # [L, d] = normalised-space image of the mean
         b_enc = (b_enc.double() - torch.einsum("ld,ldh->h", shift, w_enc.double())).float()
         b_dec = (b_dec.double() + shift).float()
         scale = [float(v) for v in gscale.tolist()]
-        notes.append("folded the stored activation normaliser (mean and scale) into the weights: the "
-                     "converted model takes raw activations")
+        notes.append(
+            "folded the stored activation normaliser (mean and scale) into the weights: the "
+            "converted model takes raw activations"
+        )
 
-    cfg_ours = CrossCoderConfig(arch="batchtopk" if batchtopk else "vanilla", d_latent=h, k=k,
-                                l1_weighting=L1_WEIGHTING[code_norm], n_models=n, d_model=d,
-                                model_names=list(model_names) if model_names else None, site=site)
+    cfg_ours = CrossCoderConfig(
+        arch="batchtopk" if batchtopk else "vanilla",
+        d_latent=h,
+        k=k,
+        l1_weighting=L1_WEIGHTING[code_norm],
+        n_models=n,
+        d_model=d,
+        model_names=list(model_names) if model_names else None,
+        site=site,
+    )
     model = CrossCoder(cfg_ours)
     with torch.no_grad():
         model.W_enc.copy_(w_enc)
@@ -239,8 +287,12 @@ def from_dictionary_learning(path: str | Path, *, cfg_path: str | Path | None = 
     if scale is not None:
         model.fold(scale)
     model.eval()
-    source = {"format": "dictionary_learning", "class": "BatchTopKCrossCoder" if batchtopk else "CrossCoder",
-              "weights": weights.name, "code_normalization": code_norm,
-              "activation_normalizer": norm is not None,
-              "config": json.loads(json.dumps(cfg, default=str))}
+    source = {
+        "format": "dictionary_learning",
+        "class": "BatchTopKCrossCoder" if batchtopk else "CrossCoder",
+        "weights": weights.name,
+        "code_normalization": code_norm,
+        "activation_normalizer": norm is not None,
+        "config": json.loads(json.dumps(cfg, default=str)),
+    }
     return Conversion(model=model, notes=notes, source=source)

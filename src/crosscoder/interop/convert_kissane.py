@@ -31,10 +31,12 @@ from .common import Conversion, parse_norm_scale, read_json_object, safe_torch_l
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 _CKPT = re.compile(r"^(\d+)\.pt$")
 
-NORM_NOTE = ("Kissane's crosscoders take activations scaled per model to mean norm sqrt(d_in) by factors "
-             "that are not stored in the checkpoint; the converted model works in that normalised space "
-             "(norm_scale = 1). Pass --norm-scale A B (the factors multiplying raw activations) to fold them "
-             "in so that it takes raw activations.")
+NORM_NOTE = (
+    "Kissane's crosscoders take activations scaled per model to mean norm sqrt(d_in) by factors "
+    "that are not stored in the checkpoint; the converted model works in that normalised space "
+    "(norm_scale = 1). Pass --norm-scale A B (the factors multiplying raw activations) to fold them "
+    "in so that it takes raw activations."
+)
 
 
 def resolve_kissane(path: str | Path, cfg_path: str | Path | None = None) -> tuple[Path, Path, list[str]]:
@@ -51,7 +53,9 @@ def resolve_kissane(path: str | Path, cfg_path: str | Path | None = None) -> tup
         else:
             ckpts = sorted((int(m.group(1)), p) for p in path.iterdir() if (m := _CKPT.match(p.name)))
             if not ckpts:
-                raise CrossCoderError(f"{path}: no Kissane checkpoint in folder (expected <N>.pt or cc_weights.pt)")
+                raise CrossCoderError(
+                    f"{path}: no Kissane checkpoint in folder (expected <N>.pt or cc_weights.pt)"
+                )
             weights = ckpts[-1][1]
             default_cfg = path / f"{ckpts[-1][0]}_cfg.json"
             if len(ckpts) > 1:
@@ -69,9 +73,14 @@ def resolve_kissane(path: str | Path, cfg_path: str | Path | None = None) -> tup
     return weights, cfg, notes
 
 
-def from_kissane(path: str | Path, *, cfg_path: str | Path | None = None,
-                 norm_scale: list[float] | None = None, model_names: list[str] | None = None,
-                 site: str | None = None) -> Conversion:
+def from_kissane(
+    path: str | Path,
+    *,
+    cfg_path: str | Path | None = None,
+    norm_scale: list[float] | None = None,
+    model_names: list[str] | None = None,
+    site: str | None = None,
+) -> Conversion:
     """Convert a Kissane checkpoint into a ``vanilla`` :class:`~crosscoder.model.CrossCoder`.
 
     Args:
@@ -95,15 +104,20 @@ def from_kissane(path: str | Path, *, cfg_path: str | Path | None = None,
     where = str(weights)
     unknown = sorted(set(sd) - set(PARAMS))
     if unknown:
-        raise CrossCoderError(f"{where}: unexpected key {unknown[0]!r} (a Kissane checkpoint holds only "
-                              f"{', '.join(PARAMS)})")
+        raise CrossCoderError(
+            f"{where}: unexpected key {unknown[0]!r} (a Kissane checkpoint holds only {', '.join(PARAMS)})"
+        )
     w_enc = tensor(sd, "W_enc", where)
     if w_enc.dim() != 3:
-        raise CrossCoderError(f"{where}: 'W_enc' has shape {tuple(w_enc.shape)}, expected [n_models, d_in, dict_size]")
+        raise CrossCoderError(
+            f"{where}: 'W_enc' has shape {tuple(w_enc.shape)}, expected [n_models, d_in, dict_size]"
+        )
     m, d, h = w_enc.shape
     for key, val in (("d_in", d), ("dict_size", h)):
         if key in kcfg and int(kcfg[key]) != val:
-            raise CrossCoderError(f"{cfg_file}: {key} = {kcfg[key]} but 'W_enc' has shape {tuple(w_enc.shape)}")
+            raise CrossCoderError(
+                f"{cfg_file}: {key} = {kcfg[key]} but 'W_enc' has shape {tuple(w_enc.shape)}"
+            )
     params = {
         "W_enc": w_enc,
         "b_enc": tensor(sd, "b_enc", where, (h,)),
@@ -113,10 +127,16 @@ def from_kissane(path: str | Path, *, cfg_path: str | Path | None = None,
     scale = parse_norm_scale(norm_scale, m)
     if model_names is not None and len(model_names) != m:
         raise CrossCoderError(f"--model-names: expected {m} names, got {len(model_names)}")
-    cfg = CrossCoderConfig(arch="vanilla", d_latent=h, n_models=m, d_model=d, l1_weighting="sum",
-                           dec_init_norm=float(kcfg.get("dec_init_norm", 0.08)),
-                           model_names=list(model_names) if model_names else None,
-                           site=site or kcfg.get("hook_point") or kcfg.get("site"))
+    cfg = CrossCoderConfig(
+        arch="vanilla",
+        d_latent=h,
+        n_models=m,
+        d_model=d,
+        l1_weighting="sum",
+        dec_init_norm=float(kcfg.get("dec_init_norm", 0.08)),
+        model_names=list(model_names) if model_names else None,
+        site=site or kcfg.get("hook_point") or kcfg.get("site"),
+    )
     model = CrossCoder(cfg)
     with torch.no_grad():
         for name, value in params.items():
@@ -126,6 +146,10 @@ def from_kissane(path: str | Path, *, cfg_path: str | Path | None = None,
     else:
         notes.append(NORM_NOTE)
     model.eval()
-    source = {"format": "kissane", "weights": weights.name, "config": kcfg,
-              "norm_scale_folded": scale is not None}
+    source = {
+        "format": "kissane",
+        "weights": weights.name,
+        "config": kcfg,
+        "norm_scale_folded": scale is not None,
+    }
     return Conversion(model=model, notes=notes, source=source)

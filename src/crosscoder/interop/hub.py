@@ -81,10 +81,13 @@ def render_model_card(config: dict[str, Any], *, repo_id: str | None = None, has
     lines += ["---", ""]
     title = " vs ".join(f"`{n}`" for n in names) if names else f"{n_models} models"
     lines += [f"# Crosscoder: {title}", ""]
-    lines += [f"A {arch} crosscoder: one sparse dictionary of {config.get('d_latent')} latents over the paired "
-              f"activations of {n_models} models{f' at `{site}`' if site else ''}, for model diffing "
-              "(latents whose decoder vectors live in only one model point at what differs). "
-              "Made with the `crosscoder` library.", ""]
+    lines += [
+        f"A {arch} crosscoder: one sparse dictionary of {config.get('d_latent')} latents over the paired "
+        f"activations of {n_models} models{f' at `{site}`' if site else ''}, for model diffing "
+        "(latents whose decoder vectors live in only one model point at what differs). "
+        "Made with the `crosscoder` library.",
+        "",
+    ]
 
     lines += ["## Models", ""]
     roles = {0: "base", 1: "fine-tuned"} if n_models == 2 else {}
@@ -96,11 +99,20 @@ def render_model_card(config: dict[str, Any], *, repo_id: str | None = None, has
     lines += ["", f"Site (module whose output is read): `{site}`" if site else "Site: not recorded", ""]
 
     lines += ["## Architecture", ""]
-    rows = [("architecture", arch), ("n_models", n_models), ("d_model", config.get("d_model")),
-            ("d_latent", config.get("d_latent"))]
+    rows = [
+        ("architecture", arch),
+        ("n_models", n_models),
+        ("d_model", config.get("d_model")),
+        ("d_latent", config.get("d_latent")),
+    ]
     cls = ARCHITECTURES.get(arch)
-    options = [] if cls is None else list(dict.fromkeys(c.Options for c in reversed(cls.__mro__)
-                                                         if getattr(c, "Options", None) is not None))
+    options = (
+        []
+        if cls is None
+        else list(
+            dict.fromkeys(c.Options for c in reversed(cls.__mro__) if getattr(c, "Options", None) is not None)
+        )
+    )
     for opts in options:  # the architecture's own fields (and those it inherits, e.g. matryoshka's k)
         for f in dataclasses.fields(opts):
             if config.get(f.name) is not None:
@@ -108,27 +120,57 @@ def render_model_card(config: dict[str, Any], *, repo_id: str | None = None, has
                 rows.append((f"{f.name} ({what})", config[f.name]))
     if config.get("threshold") is not None:
         rows.append(("inference threshold (on decoder-norm-weighted activations)", config["threshold"]))
-    rows += [(name, config[name]) for name in ("dedicated_base", "dedicated_ft", "shared_latents")
-             if config.get(name)]
+    rows += [
+        (name, config[name])
+        for name in ("dedicated_base", "dedicated_ft", "shared_latents")
+        if config.get(name)
+    ]
     rows += [("decoder-norm weighting", config.get("l1_weighting"))]
     scale = config.get("norm_scale")
     centred = config.get("norm_mean") is not None
     if scale is not None:
         folded = any(float(s) != 1.0 for s in scale) or centred
         rows.append(("norm_scale", scale))
-        rows.append(("norm_mean", "per-model mean subtracted before scaling (in config.json)" if centred
-                     else "none (mean-inclusive scaling)"))
-        rows.append(("input", "raw activations (normalisation folded into the weights)" if folded
-                     else "activations as seen in training (norm_scale = 1)"))
+        rows.append(
+            (
+                "norm_mean",
+                "per-model mean subtracted before scaling (in config.json)"
+                if centred
+                else "none (mean-inclusive scaling)",
+            )
+        )
+        rows.append(
+            (
+                "input",
+                "raw activations (normalisation folded into the weights)"
+                if folded
+                else "activations as seen in training (norm_scale = 1)",
+            )
+        )
     lines += _table(rows)
-    lines += ["", "Shapes: `W_enc [n_models, d_model, d_latent]`, `W_dec [d_latent, n_models, d_model]`, "
-              "`b_enc [d_latent]`, `b_dec [n_models, d_model]`.", ""]
+    lines += [
+        "",
+        "Shapes: `W_enc [n_models, d_model, d_latent]`, `W_dec [d_latent, n_models, d_model]`, "
+        "`b_enc [d_latent]`, `b_dec [n_models, d_model]`.",
+        "",
+    ]
 
-    lines += ["## Usage", "", "```python", "import torch", "from crosscoder import CrossCoder", "",
-              f'cc = CrossCoder.from_pretrained("{repo_id or "PATH_OR_REPO_ID"}")',
-              "x = torch.randn(8, cc.cfg.n_models, cc.cfg.d_model)  # paired activations [batch, n_models, d_model]",
-              "x_hat, f = cc(x)  # reconstruction [batch, n_models, d_model], latents [batch, d_latent]",
-              "```", ""]
+    lines += [
+        "## Usage",
+        "",
+        "```python",
+        "import torch",
+        "from crosscoder import CrossCoder",
+        "",
+        f'cc = CrossCoder.from_pretrained("{repo_id or "PATH_OR_REPO_ID"}")',
+        (
+            "x = torch.randn(8, cc.cfg.n_models, cc.cfg.d_model)"
+            "  # paired activations [batch, n_models, d_model]"
+        ),
+        "x_hat, f = cc(x)  # reconstruction [batch, n_models, d_model], latents [batch, d_latent]",
+        "```",
+        "",
+    ]
 
     train = config.get("train")
     if isinstance(train, dict) and train:
@@ -137,10 +179,15 @@ def render_model_card(config: dict[str, Any], *, repo_id: str | None = None, has
     if isinstance(metrics, dict) and metrics:
         lines += ["## Final metrics", ""] + _table(_flatten(metrics), ("Metric", "Value")) + [""]
     if has_plot:
-        lines += ["## Relative decoder norms", "",
-                  "Relative decoder norm of each latent, `|d_B| / (|d_A| + |d_B|)`: "
-                  "0 = base only, 0.5 = shared, 1 = fine-tuned only.", "",
-                  f"![Relative decoder norms]({PLOT_NAME})", ""]
+        lines += [
+            "## Relative decoder norms",
+            "",
+            "Relative decoder norm of each latent, `|d_B| / (|d_A| + |d_B|)`: "
+            "0 = base only, 0.5 = shared, 1 = fine-tuned only.",
+            "",
+            f"![Relative decoder norms]({PLOT_NAME})",
+            "",
+        ]
     conv = config.get(CONVERTED_KEY)
     if isinstance(conv, dict) and conv:
         rows = [(k, v) for k, v in conv.items() if k != "config"]
@@ -190,7 +237,9 @@ def stage_folder(model_or_dir: Any, target: str | os.PathLike, repo_id: str | No
     else:
         src = Path(model_or_dir)
         if not src.is_dir():
-            raise CrossCoderError(f"{src}: not a folder (expected a run folder with config.json and model.safetensors)")
+            raise CrossCoderError(
+                f"{src}: not a folder (expected a run folder with config.json and model.safetensors)"
+            )
         CrossCoder.from_pretrained(src)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             _copy(src / name, target / name)
@@ -200,9 +249,16 @@ def stage_folder(model_or_dir: Any, target: str | os.PathLike, repo_id: str | No
     return target
 
 
-def push_to_hub(model_or_dir: Any, repo_id: str, *, token: str | None = None, private: bool = False,
-                revision: str | None = None, commit_message: str = DEFAULT_COMMIT_MESSAGE,
-                local_dir: str | os.PathLike | None = None) -> str:
+def push_to_hub(
+    model_or_dir: Any,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str = DEFAULT_COMMIT_MESSAGE,
+    local_dir: str | os.PathLike | None = None,
+) -> str:
     """Upload a crosscoder (a :class:`~crosscoder.CrossCoder` or a run folder) to the Hub repo ``repo_id``.
 
     Creates the repo if needed (``private`` applies only then), and the branch ``revision`` if given,
@@ -232,9 +288,15 @@ def push_to_hub(model_or_dir: Any, repo_id: str, *, token: str | None = None, pr
             url = api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
             if revision is not None:
                 api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
-            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, repo_type="model", revision=revision,
-                                     commit_message=commit_message)
+            info = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=tmp,
+                repo_type="model",
+                revision=revision,
+                commit_message=commit_message,
+            )
         except Exception as e:  # noqa: BLE001 - auth, network and Hub errors -> one line
-            raise CrossCoderError(f"{repo_id}: upload to the Hugging Face Hub failed "
-                                  f"({type(e).__name__}: {first_line(e)})") from None
+            raise CrossCoderError(
+                f"{repo_id}: upload to the Hugging Face Hub failed ({type(e).__name__}: {first_line(e)})"
+            ) from None
     return str(getattr(info, "commit_url", None) or url)

@@ -55,8 +55,12 @@ class CrossCoder(nn.Module):
 
     arch: Architecture
 
-    def __init__(self, cfg: CrossCoderConfig, generator: torch.Generator | None = None,
-                 device: str | torch.device | None = None) -> None:
+    def __init__(
+        self,
+        cfg: CrossCoderConfig,
+        generator: torch.Generator | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
         super().__init__()
         cfg.validate()
         if cfg.d_model <= 0:
@@ -71,7 +75,11 @@ class CrossCoder(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(m, d))
         scale = torch.tensor(cfg.norm_scale if cfg.norm_scale is not None else [1.0] * m, dtype=torch.float32)
         self.register_buffer("norm_scale", scale, persistent=False)
-        mean = torch.tensor(cfg.norm_mean, dtype=torch.float32) if cfg.norm_mean is not None else torch.zeros(m, d)
+        mean = (
+            torch.tensor(cfg.norm_mean, dtype=torch.float32)
+            if cfg.norm_mean is not None
+            else torch.zeros(m, d)
+        )
         self.register_buffer("norm_mean", mean, persistent=False)
         self.layout = LatentLayout.of(cfg)
         self.register_buffer("sparsity_scale", self.layout.sparsity_scale(), persistent=False)
@@ -124,16 +132,22 @@ class CrossCoder(nn.Module):
     def normalization(self) -> Normalization:
         """The recorded raw -> training-space map (identity for an unfolded model)."""
         mu = self.norm_mean.detach().cpu()
-        return Normalization([float(v) for v in self.norm_scale.tolist()],
-                             [[float(v) for v in row] for row in mu.tolist()] if torch.any(mu != 0) else None)
+        return Normalization(
+            [float(v) for v in self.norm_scale.tolist()],
+            [[float(v) for v in row] for row in mu.tolist()] if torch.any(mu != 0) else None,
+        )
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw ``x [batch, n_models, d_model]`` -> normalised training space ``norm_scale * (x - norm_mean)``."""
+        """Raw ``x [batch, n_models, d_model]`` -> normalised training space
+        ``norm_scale * (x - norm_mean)``."""
         return (x.float() - self.norm_mean) * self.norm_scale[:, None]
 
     @torch.no_grad()
-    def fold(self, norm_scale: torch.Tensor | list[float],
-             norm_mean: torch.Tensor | list[list[float]] | None = None) -> CrossCoder:
+    def fold(
+        self,
+        norm_scale: torch.Tensor | list[float],
+        norm_mean: torch.Tensor | list[list[float]] | None = None,
+    ) -> CrossCoder:
         """Fold the input map ``x' = s * (x - mu)`` into the weights (in place) so the model takes raw inputs.
 
         With ``s = norm_scale [n_models]`` and ``mu = norm_mean [n_models, d_model]`` (default 0):
@@ -187,7 +201,9 @@ class CrossCoder(nn.Module):
         d = dataclasses.asdict(self.cfg)
         norm = self.normalization()
         d["norm_scale"], d["norm_mean"] = norm.scale, norm.mean
-        d["shared_sparsity_coeff"] = self.layout.shared_factor  # the resolved factor (the architecture's default)
+        d["shared_sparsity_coeff"] = (
+            self.layout.shared_factor
+        )  # the resolved factor (the architecture's default)
         d.update(self.arch.config_info())
         d["library"] = "crosscoder"
         d["version"] = __version__
@@ -206,9 +222,11 @@ class CrossCoder(nn.Module):
         return path
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, revision: str | None = None,
-                        device: str | torch.device | None = None) -> CrossCoder:
-        """Load from a local folder or a Hugging Face Hub repo id (``config.json`` + ``model.safetensors``)."""
+    def from_pretrained(
+        cls, path: str | os.PathLike, revision: str | None = None, device: str | torch.device | None = None
+    ) -> CrossCoder:
+        """Load from a local folder or a Hugging Face Hub repo id
+        (``config.json`` + ``model.safetensors``)."""
         folder = Path(path)
         if not folder.is_dir():
             folder = _download(str(path), revision)
@@ -219,7 +237,9 @@ class CrossCoder(nn.Module):
         from ..config import CrossCoderConfig
 
         raw = json.loads(cfg_path.read_text())
-        cfg = CrossCoderConfig(**{f.name: raw[f.name] for f in dataclasses.fields(CrossCoderConfig) if f.name in raw})
+        cfg = CrossCoderConfig(
+            **{f.name: raw[f.name] for f in dataclasses.fields(CrossCoderConfig) if f.name in raw}
+        )
         model = cls(cfg)
         try:
             tensors = load_file(str(w_path))
@@ -230,8 +250,10 @@ class CrossCoder(nn.Module):
                 if n not in tensors:
                     raise CrossCoderError(f"{w_path}: missing tensor {n!r}")
                 if tensors[n].shape != getattr(model, n).shape:
-                    raise CrossCoderError(f"{w_path}: {n} has shape {tuple(tensors[n].shape)}, "
-                                          f"config says {tuple(getattr(model, n).shape)}")
+                    raise CrossCoderError(
+                        f"{w_path}: {n} has shape {tuple(tensors[n].shape)}, "
+                        f"config says {tuple(getattr(model, n).shape)}"
+                    )
                 getattr(model, n).copy_(tensors[n])
             model.arch.load_saved(tensors, str(w_path))
         model.eval()
@@ -250,6 +272,10 @@ def _download(repo_id: str, revision: str | None) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "*.md"]))
+        return Path(
+            snapshot_download(repo_id, revision=revision, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "*.md"])
+        )
     except Exception as e:  # noqa: BLE001 - network/hub errors -> one line
-        raise CrossCoderError(f"{repo_id}: not a local folder and not loadable from the Hub ({type(e).__name__})") from None
+        raise CrossCoderError(
+            f"{repo_id}: not a local folder and not loadable from the Hub ({type(e).__name__})"
+        ) from None

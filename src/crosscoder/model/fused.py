@@ -30,8 +30,16 @@ from .workspace import Workspace
 
 class _DenseReLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x2: torch.Tensor, w_enc2: torch.Tensor, b_enc: torch.Tensor, w_dec2: torch.Tensor,
-                b_dec2: torch.Tensor, ws: Workspace, cdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        ctx: Any,
+        x2: torch.Tensor,
+        w_enc2: torch.Tensor,
+        b_enc: torch.Tensor,
+        w_dec2: torch.Tensor,
+        b_dec2: torch.Tensor,
+        ws: Workspace,
+        cdt: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         b, h = x2.shape[0], w_enc2.shape[1]
         xc, wec, wdc = x2.to(cdt), w_enc2.to(cdt), w_dec2.to(cdt)
         f = ws.get("f", (b, h), cdt, x2.device)
@@ -50,7 +58,9 @@ class _DenseReLU(torch.autograd.Function):
             return _DenseReLU._backward(ctx, g, s)
 
     @staticmethod
-    def _backward(ctx: Any, g: torch.Tensor | None, s: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    def _backward(
+        ctx: Any, g: torch.Tensor | None, s: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
         xc, wec, wdc, f = ctx.saved_tensors
         cdt = ctx.cdt
         b, h = f.shape
@@ -73,8 +83,15 @@ class _DenseReLU(torch.autograd.Function):
         return gx, gw_enc, gb_enc, gw_dec, gb_dec, None, None
 
 
-def dense_relu(x2: torch.Tensor, w_enc2: torch.Tensor, b_enc: torch.Tensor, w_dec2: torch.Tensor,
-               b_dec2: torch.Tensor, ws: Workspace, cdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dense_relu(
+    x2: torch.Tensor,
+    w_enc2: torch.Tensor,
+    b_enc: torch.Tensor,
+    w_dec2: torch.Tensor,
+    b_dec2: torch.Tensor,
+    ws: Workspace,
+    cdt: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> ``(x_hat [B, D], fsum [H], f [B, H])``; ``x_hat`` and ``fsum`` carry the graph, ``f`` is the
     workspace buffer (no graph; overwritten by the next call)."""
     with torch.autocast(x2.device.type, enabled=False), big_kernels():

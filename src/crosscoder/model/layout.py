@@ -39,7 +39,9 @@ class LatentLayout:
             from .registry import get_architecture
 
             factor = get_architecture(cfg.arch).default_shared_factor
-        return cls(cfg.d_latent, cfg.n_models, cfg.dedicated_base, cfg.dedicated_ft, cfg.shared_latents, factor)
+        return cls(
+            cfg.d_latent, cfg.n_models, cfg.dedicated_base, cfg.dedicated_ft, cfg.shared_latents, factor
+        )
 
     @property
     def constrained(self) -> bool:
@@ -65,8 +67,11 @@ class LatentLayout:
     def kinds(self) -> list[str]:
         """Per latent: ``base_only``, ``ft_only``, ``designated_shared`` or ``free``."""
         out = ["free"] * self.d_latent
-        for name, s in (("base_only", self.base_only), ("ft_only", self.ft_only),
-                        ("designated_shared", self.tied)):
+        for name, s in (
+            ("base_only", self.base_only),
+            ("ft_only", self.ft_only),
+            ("designated_shared", self.tied),
+        ):
             out[s] = [name] * (s.stop - s.start)
         return out
 
@@ -121,22 +126,22 @@ class LatentLayout:
             g = w_dec.grad[self.tied].sum(1, keepdim=True)
             w_dec.grad[self.tied] = g.expand(-1, self.n_models, -1)
 
-    # ------------------------------------------------------------------ folding (saved models take raw inputs)
+    # ---------------------------------------------------------------- folding (saved models take raw inputs)
     @torch.no_grad()
     def fold_decoder_(self, w_dec: torch.Tensor, norm_scale: torch.Tensor) -> int:
         """``w_dec[:, m] /= norm_scale[m]`` (in place; :meth:`CrossCoder.fold`), keeping the designated shared
         latents tied **exactly** in the normalised space.
 
-        A plain division leaves ``fl(fl(v / s_m) * s_m) != v`` for about 10-25% of the float32 entries (one ulp;
-        measured over several scale pairs), so ``W_dec[i, m] * norm_scale[m]`` would differ across models by up to one ulp. Here each
-        tied entry ``v`` gets folded values ``b_m`` (within two ulps of ``v / s_m``) with
-        ``fl32(b_m * s_m) == c`` for every model, ``c`` = ``v`` or, where no such ``b_m`` exists for some
-        model (multiplication by ``s_m`` skips some float32 values), the nearest float32 to ``v`` (a few ulps
-        at most) that every model reaches. Unfolding (``W_dec[:, m] * s_m`` in float32, as
-        :meth:`CrossCoder.unfold` and the analysis do) then gives bitwise-identical vectors. Returns the
-        number of entries left with a plain division because no such ``c`` was found (0 in every case
-        measured; float64 products cannot be made exact: ``b_0 s_0 = b_1 s_1`` has no float32 solutions in
-        general, and they stay within one float32 ulp of each other).
+        A plain division leaves ``fl(fl(v / s_m) * s_m) != v`` for about 10-25% of the float32 entries
+        (one ulp; measured over several scale pairs), so ``W_dec[i, m] * norm_scale[m]`` would differ
+        across models by up to one ulp. Here each tied entry ``v`` gets folded values ``b_m`` (within two
+        ulps of ``v / s_m``) with ``fl32(b_m * s_m) == c`` for every model, ``c`` = ``v`` or, where no such
+        ``b_m`` exists for some model (multiplication by ``s_m`` skips some float32 values), the nearest
+        float32 to ``v`` (a few ulps at most) that every model reaches. Unfolding (``W_dec[:, m] * s_m`` in
+        float32, as :meth:`CrossCoder.unfold` and the analysis do) then gives bitwise-identical vectors.
+        Returns the number of entries left with a plain division because no such ``c`` was found (0 in
+        every case measured; float64 products cannot be made exact: ``b_0 s_0 = b_1 s_1`` has no float32
+        solutions in general, and they stay within one float32 ulp of each other).
         """
         s = torch.as_tensor(norm_scale, dtype=w_dec.dtype, device=w_dec.device)
         v = w_dec[self.tied, 0].clone() if self.shared else None
@@ -148,8 +153,9 @@ class LatentLayout:
         return missed
 
     @torch.no_grad()
-    def violations(self, w_enc: torch.Tensor, w_dec: torch.Tensor,
-                   norm_scale: torch.Tensor | None = None) -> dict[str, float]:
+    def violations(
+        self, w_enc: torch.Tensor, w_dec: torch.Tensor, norm_scale: torch.Tensor | None = None
+    ) -> dict[str, float]:
         """How far weights are from the layout: the largest absolute entry of a forbidden encoder / decoder
         block (``forbidden_enc``, ``forbidden_dec``) and the largest absolute difference between the copies
         of a tied decoder vector in the normalised space (``tied_dec``: ``W_dec[i, m] * norm_scale[m]``,
@@ -169,14 +175,23 @@ class LatentLayout:
 
     def describe(self) -> dict[str, object]:
         """The layout as plain values (``crosscoder analyze``'s summary): sizes, latent ranges, factor."""
+
         def rng(s: slice) -> list[int]:
             return [s.start, s.stop]
 
-        return {"dedicated_base": self.dedicated_base, "dedicated_ft": self.dedicated_ft,
-                "shared_latents": self.shared, "shared_sparsity_coeff": self.shared_factor,
-                "free": self.d_latent - self.dedicated_base - self.dedicated_ft - self.shared,
-                "ranges": {"base_only": rng(self.base_only), "ft_only": rng(self.ft_only),
-                           "designated_shared": rng(self.tied), "free": rng(self.free)}}
+        return {
+            "dedicated_base": self.dedicated_base,
+            "dedicated_ft": self.dedicated_ft,
+            "shared_latents": self.shared,
+            "shared_sparsity_coeff": self.shared_factor,
+            "free": self.d_latent - self.dedicated_base - self.dedicated_ft - self.shared,
+            "ranges": {
+                "base_only": rng(self.base_only),
+                "ft_only": rng(self.ft_only),
+                "designated_shared": rng(self.tied),
+                "free": rng(self.free),
+            },
+        }
 
 
 def _step(t: torch.Tensor, n: int) -> torch.Tensor:

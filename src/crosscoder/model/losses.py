@@ -51,8 +51,9 @@ class LossOutput:
         return self.latents.to_dense()
 
 
-def reconstruction_metrics(x: torch.Tensor, x_hat: torch.Tensor,
-                           dist_sum: DistSum | None = None) -> dict[str, torch.Tensor]:
+def reconstruction_metrics(
+    x: torch.Tensor, x_hat: torch.Tensor, dist_sum: DistSum | None = None
+) -> dict[str, torch.Tensor]:
     """Explained-variance metrics of ``x_hat`` against ``x`` (both ``[batch, n_models, d_model]``).
 
     With ``dist_sum`` (sums a tensor over ranks) SSE and SST are those of the global batch (SST around
@@ -63,8 +64,10 @@ def reconstruction_metrics(x: torch.Tensor, x_hat: torch.Tensor,
     if dist_sum is None:
         out = explained_variances(err.sum((0, 2)), dev.sum((0, 2)))
     else:
-        out = {k: v.float() for k, v in explained_variance_from_moments(dist_sum(ev_moments(x, x_hat)),
-                                                                         x.shape[1]).items()}
+        out = {
+            k: v.float()
+            for k, v in explained_variance_from_moments(dist_sum(ev_moments(x, x_hat)), x.shape[1]).items()
+        }
     out["explained_variance_legacy"] = (1 - err.sum((1, 2)) / dev.sum((1, 2))).mean()
     return out
 
@@ -84,14 +87,20 @@ def ev_moments(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     ``[SSE per model (m) | sum_b x (m * d) | sum_b ||x||^2 per model (m) | rows (1)]`` for
     ``x, x_hat [batch, n_models, d_model]``; add them up, then :func:`explained_variance_from_moments`."""
     xd = x.double()
-    return torch.cat([(xd - x_hat.double()).pow(2).sum((0, 2)), xd.sum(0).reshape(-1), xd.pow(2).sum((0, 2)),
-                      torch.tensor([x.shape[0]], dtype=torch.float64, device=x.device)])
+    return torch.cat(
+        [
+            (xd - x_hat.double()).pow(2).sum((0, 2)),
+            xd.sum(0).reshape(-1),
+            xd.pow(2).sum((0, 2)),
+            torch.tensor([x.shape[0]], dtype=torch.float64, device=x.device),
+        ]
+    )
 
 
 def explained_variance_from_moments(stats: torch.Tensor, n_models: int) -> dict[str, torch.Tensor]:
     """:func:`explained_variances` from summed :func:`ev_moments` (SST around the pooled mean)."""
     m = n_models
-    sse_m, s1, s2, n = stats[:m], stats[m:-m - 1].view(m, -1), stats[-m - 1:-1], stats[-1]
+    sse_m, s1, s2, n = stats[:m], stats[m : -m - 1].view(m, -1), stats[-m - 1 : -1], stats[-1]
     return explained_variances(sse_m, s2 - s1.pow(2).sum(-1) / n)
 
 
@@ -107,8 +116,13 @@ def l2_loss(x: torch.Tensor, x_hat: torch.Tensor, kind: str = "squared") -> torc
 AUX_ENERGY_FLOOR = 0.1
 
 
-def aux_loss_from(e_hat: torch.Tensor, residual: torch.Tensor, scale: torch.Tensor | None,
-                  dist_sum: DistSum | None = None, world_size: int = 1) -> torch.Tensor:
+def aux_loss_from(
+    e_hat: torch.Tensor,
+    residual: torch.Tensor,
+    scale: torch.Tensor | None,
+    dist_sum: DistSum | None = None,
+    world_size: int = 1,
+) -> torch.Tensor:
     """AuxK loss from ``e_hat [batch, n_models * d_model]`` (the dead latents' reconstruction of the
     residual) and ``residual [batch, n_models, d_model]`` (detached); ``scale`` = ``dead.any()``.
 
@@ -132,8 +146,15 @@ def aux_loss_from(e_hat: torch.Tensor, residual: torch.Tensor, scale: torch.Tens
         centred, energy = (ed - ed.mean(0, keepdim=True)).pow(2).sum(), ed.pow(2).sum()
     else:
         ed = e.detach().double()
-        st = dist_sum(torch.cat([ed.sum(0), ed.pow(2).sum().reshape(1),
-                                 torch.tensor([e.shape[0]], dtype=torch.float64, device=e.device)]))
+        st = dist_sum(
+            torch.cat(
+                [
+                    ed.sum(0),
+                    ed.pow(2).sum().reshape(1),
+                    torch.tensor([e.shape[0]], dtype=torch.float64, device=e.device),
+                ]
+            )
+        )
         energy = st[-2]
         centred = energy - st[:-2].pow(2).sum() / st[-1]
         centred, energy = centred.float(), energy.float()
@@ -143,7 +164,9 @@ def aux_loss_from(e_hat: torch.Tensor, residual: torch.Tensor, scale: torch.Tens
     return out * scale.to(num.dtype) if scale is not None else out
 
 
-def compute_loss(model: CrossCoder, x: torch.Tensor, inp: StepInput | None = None, **fields: Any) -> LossOutput:
+def compute_loss(
+    model: CrossCoder, x: torch.Tensor, inp: StepInput | None = None, **fields: Any
+) -> LossOutput:
     """Forward ``x [batch, n_models, d_model]`` through ``model`` and return the loss and metrics.
 
     ``inp`` (:class:`StepInput`; keyword ``fields`` override or replace it) carries the sparsity coefficient,

@@ -1,4 +1,5 @@
-"""The architecture registry: ``--arch NAME`` -> the class that owns its maths. It only registers and looks up.
+"""The architecture registry: ``--arch NAME`` -> the class that owns its maths. It only registers and
+looks up.
 
 An architecture is one file in :mod:`crosscoder.model.architectures` that subclasses
 :class:`~crosscoder.model.architectures.base.Architecture` and is decorated with ``@register("name")``;

@@ -70,7 +70,6 @@ def big_kernels() -> Iterator[None]:
         torch.set_num_threads(1)
 
 
-
 _MARGIN = 2.0**-20
 _SAMPLE = 1 << 16
 
@@ -119,15 +118,26 @@ class Selection:
     def by_col(self, table: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """``out [n_cols, D]``, ``out[c] = sum_{e: cols[e] = c} values[e] * table[rows[e]]`` for
         ``table [n_rows, D]`` (the transpose-side product ``CSR_t(values) @ table``, as ``embedding_bag``)."""
-        return F.embedding_bag(self.rows_by_col, table, self.col_ptr, mode="sum",
-                               per_sample_weights=values.index_select(0, self.col_perm).to(table.dtype),
-                               include_last_offset=True)
+        return F.embedding_bag(
+            self.rows_by_col,
+            table,
+            self.col_ptr,
+            mode="sum",
+            per_sample_weights=values.index_select(0, self.col_perm).to(table.dtype),
+            include_last_offset=True,
+        )
 
     def by_row(self, table: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """``out [n_rows, D]``, ``out[r] = sum_{e: rows[e] = r} values[e] * table[cols[e]]`` for
         ``table [n_cols, D]`` (``CSR(values) @ table``, as ``embedding_bag``)."""
-        return F.embedding_bag(self.cols, table, self.row_ptr, mode="sum", per_sample_weights=values.to(table.dtype),
-                               include_last_offset=True)
+        return F.embedding_bag(
+            self.cols,
+            table,
+            self.row_ptr,
+            mode="sum",
+            per_sample_weights=values.to(table.dtype),
+            include_last_offset=True,
+        )
 
     def sddmm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``(a @ b.T)`` at the entries: ``a [n_rows, D]``, ``b [n_cols, D]`` -> ``[N]`` (entry order)."""
@@ -136,7 +146,9 @@ class Selection:
 
 
 # ---------------------------------------------------------------------------------------------- selection
-def _candidates(pre: torch.Tensor, weight: torch.Tensor, t: float, ws: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
+def _candidates(
+    pre: torch.Tensor, weight: torch.Tensor, t: float, ws: Workspace
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat indices (ascending) and exact scores of a superset of ``{relu(pre) * weight > t}``.
 
     The test is ``pre > t (1 - 2^-20) / weight`` per latent (no ``[B, H]`` score matrix is written); an
@@ -173,8 +185,9 @@ def _dense_scores(pre: torch.Tensor, weight: torch.Tensor, ws: Workspace) -> tor
 
 
 @torch.compiler.disable
-def select_batch_topk(pre: torch.Tensor, weight: torch.Tensor, n_keep: int, method: str,
-                      ws: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
+def select_batch_topk(
+    pre: torch.Tensor, weight: torch.Tensor, n_keep: int, method: str, ws: Workspace
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``n_keep`` largest ``relu(pre) * weight`` over the whole ``pre [B, H]`` (``weight [H] >= 0``).
 
     Returns ``(flat [N], scores [N])``, flat indices ascending. Ties at the boundary are broken
@@ -189,7 +202,8 @@ def select_batch_topk(pre: torch.Tensor, weight: torch.Tensor, n_keep: int, meth
     * ``method="topk"`` (CUDA): one ``topk`` over the flattened scores (a radix select on GPU), no host
       synchronisation; zero-score entries may be returned when fewer than ``n_keep`` are positive (removing
       them would read their count on the host): the caller must treat them as inactive, as
-      :meth:`~crosscoder.model.architectures.batchtopk.BatchTopK.forward_fast` does with a ``scores > 0`` mask.
+      :meth:`~crosscoder.model.architectures.batchtopk.BatchTopK.forward_fast` does with a
+      ``scores > 0`` mask.
 
     Either way the active entries are the positive ones among the top ``n_keep`` scores, the rule of
     :meth:`~crosscoder.model.architectures.batchtopk.BatchTopK.activate`.
@@ -230,8 +244,9 @@ def select_batch_topk(pre: torch.Tensor, weight: torch.Tensor, n_keep: int, meth
 
 
 @torch.compiler.disable
-def select_above(pre: torch.Tensor, weight: torch.Tensor, threshold: torch.Tensor, method: str,
-                 ws: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
+def select_above(
+    pre: torch.Tensor, weight: torch.Tensor, threshold: torch.Tensor, method: str, ws: Workspace
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Entries with ``relu(pre) * weight > threshold`` (the BatchTopK inference rule): ``(flat, scores)``."""
     if method == "threshold":
         t = float(threshold)
@@ -258,8 +273,9 @@ AUX_SPARSE_DENSITY = 1 / 16
 
 
 @torch.compiler.disable
-def select_aux(pre: torch.Tensor, dead: torch.Tensor, aux_k: int, method: str,
-               ws: Workspace) -> Selection | DeadColumns | None:
+def select_aux(
+    pre: torch.Tensor, dead: torch.Tensor, aux_k: int, method: str, ws: Workspace
+) -> Selection | DeadColumns | None:
     """AuxK entries: per row, the top ``aux_k`` of ``relu(pre)`` among dead latents (``dead [H]`` bool).
 
     * ``method="threshold"`` (CPU): reads the dead latents' indices on the host (``None`` when none is
@@ -292,5 +308,3 @@ def select_aux(pre: torch.Tensor, dead: torch.Tensor, aux_k: int, method: str,
         j = masked.topk(min(aux_k, h), dim=1, sorted=False).indices.sort(dim=1).values
     flat = (torch.arange(b, device=pre.device)[:, None] * h + j).reshape(-1)
     return Selection.from_flat(flat, b, h)
-
-

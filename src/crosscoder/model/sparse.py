@@ -28,14 +28,24 @@ class _SparseEncode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x2: torch.Tensor, w_enc2: torch.Tensor, b_enc: torch.Tensor, pre: torch.Tensor,
-                groups: tuple[Selection | DeadColumns, ...]) -> tuple[torch.Tensor, ...]:
+    def forward(
+        ctx: Any,
+        x2: torch.Tensor,
+        w_enc2: torch.Tensor,
+        b_enc: torch.Tensor,
+        pre: torch.Tensor,
+        groups: tuple[Selection | DeadColumns, ...],
+    ) -> tuple[torch.Tensor, ...]:
         ctx.groups = groups
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x2, w_enc2)
         flat = pre.view(-1)
-        return tuple(flat.index_select(0, g.flat).float() if isinstance(g, Selection)
-                     else pre.index_select(1, g.idx).float() for g in groups)
+        return tuple(
+            flat.index_select(0, g.flat).float()
+            if isinstance(g, Selection)
+            else pre.index_select(1, g.idx).float()
+            for g in groups
+        )
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -72,8 +82,13 @@ class _SparseEncode(torch.autograd.Function):
             if need_x:
                 part = torch.mm(g, w_enc2.float().index_select(1, grp.idx).t())
                 gx = part if gx is None else gx.add_(part)
-        return (gx.to(x2.dtype) if gx is not None else None, gw.to(w_enc2.dtype) if gw is not None else None,
-                gb.to(w_enc2.dtype) if gb is not None else None, None, None)
+        return (
+            gx.to(x2.dtype) if gx is not None else None,
+            gw.to(w_enc2.dtype) if gw is not None else None,
+            gb.to(w_enc2.dtype) if gb is not None else None,
+            None,
+            None,
+        )
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -99,8 +114,13 @@ class _SparseDecode(torch.autograd.Function):
         return gv, gw, None
 
 
-def sparse_encode(x2: torch.Tensor, w_enc2: torch.Tensor, b_enc: torch.Tensor, pre: torch.Tensor,
-                  groups: tuple[Selection | DeadColumns, ...]) -> tuple[torch.Tensor, ...]:
+def sparse_encode(
+    x2: torch.Tensor,
+    w_enc2: torch.Tensor,
+    b_enc: torch.Tensor,
+    pre: torch.Tensor,
+    groups: tuple[Selection | DeadColumns, ...],
+) -> tuple[torch.Tensor, ...]:
     """``pre [B, H]`` (already ``x2 [B, D] @ w_enc2 [D, H] + b_enc [H]``, no graph) at each group's
     entries (float32 ``[N]`` or ``[B, n_dead]``), differentiable w.r.t. ``x2``, ``w_enc2`` and ``b_enc``."""
     with torch.autocast(pre.device.type, enabled=False):

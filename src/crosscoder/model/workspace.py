@@ -13,7 +13,9 @@ class Workspace:
     def __init__(self) -> None:
         self._bufs: dict[str, torch.Tensor] = {}
 
-    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def get(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
         """An uninitialised buffer ``shape`` (the same storage as last time when nothing changed)."""
         t = self._bufs.get(name)
         if t is None or t.shape != torch.Size(shape) or t.dtype != dtype or t.device != device:

@@ -51,15 +51,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out: Path, step: int, tensors: dict[str, torch.Tensor], optimizer: Any, scheduler: Any,
-                    state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(
+    out: Path,
+    step: int,
+    tensors: dict[str, torch.Tensor],
+    optimizer: Any,
+    scheduler: Any,
+    state: dict[str, Any],
+    keep: int,
+) -> Path:
     """Write checkpoint ``step`` atomically, then prune to the newest ``keep``."""
     root = Path(out) / "checkpoints"
     target = root / f"step_{step}"
     if target.exists():  # same step saved again (e.g. a signal right after a periodic save)
         return target
     with atomic_dir(target) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "model.safetensors"))
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "model.safetensors")
+        )
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")

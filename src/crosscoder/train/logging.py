@@ -37,8 +37,16 @@ def _logged_in() -> bool:
 class MetricsLogger:
     """Append-only JSONL log plus optional wandb run and progress bar."""
 
-    def __init__(self, out: Path, config: dict[str, Any], wandb_mode: str = "off", project: str = "crosscoder",
-                 total_steps: int = 0, start_step: int = 0, progress: bool = True) -> None:
+    def __init__(
+        self,
+        out: Path,
+        config: dict[str, Any],
+        wandb_mode: str = "off",
+        project: str = "crosscoder",
+        total_steps: int = 0,
+        start_step: int = 0,
+        progress: bool = True,
+    ) -> None:
         self.path = Path(out) / "metrics.jsonl"
         self._truncate_after(start_step)
         self._fh = open(self.path, "a")
@@ -48,8 +56,15 @@ class MetricsLogger:
             os.environ.setdefault("WANDB_CACHE_DIR", str(Path(out) / "wandb" / ".cache"))
             import wandb
 
-            self.run = wandb.init(project=project, config=config, dir=str(out), mode=mode,
-                                  name=Path(out).name, resume="allow", id=_run_id(out))
+            self.run = wandb.init(
+                project=project,
+                config=config,
+                dir=str(out),
+                mode=mode,
+                name=Path(out).name,
+                resume="allow",
+                id=_run_id(out),
+            )
         self.bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -60,7 +75,11 @@ class MetricsLogger:
         """On resume, drop lines logged after the checkpoint so the log has no duplicated steps."""
         if not self.path.exists():
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        keep = [
+            ln
+            for ln in self.path.read_text().splitlines()
+            if ln.strip() and json.loads(ln).get("step", 0) <= step
+        ]
         self.path.write_text("".join(ln + "\n" for ln in keep))
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
@@ -70,8 +89,12 @@ class MetricsLogger:
         if self.run is not None:
             self.run.log(metrics, step=step)
         if self.bar is not None and "loss" in metrics:
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4g}", ev=f"{metrics.get('explained_variance', 0):.3f}",
-                                 l0=f"{metrics.get('l0_loss', 0):.1f}", refresh=False)
+            self.bar.set_postfix(
+                loss=f"{metrics['loss']:.4g}",
+                ev=f"{metrics.get('explained_variance', 0):.3f}",
+                l0=f"{metrics.get('l0_loss', 0):.1f}",
+                refresh=False,
+            )
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:

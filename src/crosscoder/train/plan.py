@@ -6,10 +6,10 @@ a local batch ``b = batch_size / world_size``:
 * parameters, gradients: ``P * 4`` bytes each (float32 master weights, also under bfloat16 autocast);
 * Adam state: ``2 * P * 4``; DDP gradient buckets: ``P * 4`` more when ``world_size > 1``;
 * activations (peak of one step, ``a`` = bytes of the compute dtype): dense-latent architectures
-  (vanilla, jumprelu) keep about
-  ``4 * b * d_latent`` values (pre-activations, latents, their gradients) and ``3 * b * n_models * d_model``
-  (input, reconstruction, error); sparse ones (batchtopk, matryoshka) keep ``2 * b * d_latent`` (pre-activations, scores) plus the
-  ``k * b`` selected entries; AuxK adds ``b * d_latent``;
+  (vanilla, jumprelu) keep about ``4 * b * d_latent`` values (pre-activations, latents, their
+  gradients) and ``3 * b * n_models * d_model`` (input, reconstruction, error); sparse ones (batchtopk,
+  matryoshka) keep ``2 * b * d_latent`` (pre-activations, scores) plus the ``k * b`` selected entries;
+  AuxK adds ``b * d_latent``;
 * a paired cache of N tokens: ``N * n_models * d_model * bytes(dtype) + N * 24`` (the int64 index).
 
 These are estimates (allocator overheads and framework buffers come on top: budget ~10-20% more).
@@ -40,9 +40,19 @@ class MemoryPlan:
         return asdict(self)
 
 
-def plan(d_model: int, dict_size: int, batch_size: int, n_models: int = 2, arch: str = "batchtopk", k: int = 32,
-         aux_k: int = 0, dtype: str = "float32", world_size: int = 1, cache_tokens: int = 0,
-         cache_dtype: str = "bfloat16") -> MemoryPlan:
+def plan(
+    d_model: int,
+    dict_size: int,
+    batch_size: int,
+    n_models: int = 2,
+    arch: str = "batchtopk",
+    k: int = 32,
+    aux_k: int = 0,
+    dtype: str = "float32",
+    world_size: int = 1,
+    cache_tokens: int = 0,
+    cache_dtype: str = "bfloat16",
+) -> MemoryPlan:
     """Estimate per-rank memory (bytes) of a training step and the disk of a cache of ``cache_tokens``."""
     p = 2 * n_models * d_model * dict_size + dict_size + n_models * d_model
     param = 4 * p

@@ -21,7 +21,9 @@ SYNTH_MAX_ROWS = 2_000_000
 NORM_CHUNK_ROWS = 8192  # rows read at a time to estimate the normalisation
 
 
-def estimate_normalization(cache: PairedCache, center: bool, scaling: bool, sample: int, seed: int) -> Normalization:
+def estimate_normalization(
+    cache: PairedCache, center: bool, scaling: bool, sample: int, seed: int
+) -> Normalization:
     """The run's input map ``norm_scale * (x - norm_mean)`` (see :mod:`crosscoder.normalization`).
 
     Means come from the cache's exact float64 statistics when it has them, norms from a seeded sample of
@@ -33,12 +35,14 @@ def estimate_normalization(cache: PairedCache, center: bool, scaling: bool, samp
         return Normalization.identity(cache.n_models)
     if not center and has_stats:
         return Normalization(cache.norm_scale())
-    rows = np.sort(np.random.default_rng(seed).choice(cache.n_rows, size=min(sample, cache.n_rows), replace=False))
+    rows = np.sort(
+        np.random.default_rng(seed).choice(cache.n_rows, size=min(sample, cache.n_rows), replace=False)
+    )
     mean = torch.tensor(cache.stats["mean"], dtype=torch.float64) if has_stats and center else None
 
     def chunks():  # the sample in chunks: memory stays at one chunk whatever d_model
         for lo in range(0, len(rows), NORM_CHUNK_ROWS):
-            yield cache.read(rows[lo:lo + NORM_CHUNK_ROWS])
+            yield cache.read(rows[lo : lo + NORM_CHUNK_ROWS])
 
     return estimate_streaming(chunks, center=center, scaling=scaling, mean=mean)
 
@@ -50,10 +54,12 @@ def training_space_mean(cache: PairedCache, norm: Normalization, sample: int, se
     if cache.stats and cache.stats.get("count", 0) > 0:
         mu = torch.tensor(cache.stats["mean"], dtype=torch.float32)
     else:
-        rows = np.sort(np.random.default_rng(seed).choice(cache.n_rows, size=min(sample, cache.n_rows), replace=False))
+        rows = np.sort(
+            np.random.default_rng(seed).choice(cache.n_rows, size=min(sample, cache.n_rows), replace=False)
+        )
         total = torch.zeros(cache.n_models, cache.d_model, dtype=torch.float64)
         for lo in range(0, len(rows), NORM_CHUNK_ROWS):
-            total += cache.read(rows[lo:lo + NORM_CHUNK_ROWS]).double().sum(0)
+            total += cache.read(rows[lo : lo + NORM_CHUNK_ROWS]).double().sum(0)
         mu = (total / len(rows)).float()
     return norm.apply(mu[None])[0]
 
@@ -65,13 +71,17 @@ def resolve_val_tokens(cfg: RunConfig, n_rows: int, where: str) -> int:
     tc = cfg.train
     if tc.val_tokens is not None:
         if n_rows - tc.val_tokens < tc.batch_size:
-            raise DataError(f"{where}: {n_rows} rows, too few for val_tokens={tc.val_tokens} plus one batch "
-                            f"({tc.batch_size}); lower --val-tokens")
+            raise DataError(
+                f"{where}: {n_rows} rows, too few for val_tokens={tc.val_tokens} plus one batch "
+                f"({tc.batch_size}); lower --val-tokens"
+            )
         return tc.val_tokens
     val = min(DEFAULT_VAL_TOKENS, n_rows // 10)
     if val < DEFAULT_VAL_TOKENS:
-        print(f"note: {where} has {n_rows} rows; holding out {val} (10%) for validation instead of "
-              f"{DEFAULT_VAL_TOKENS} (set --val-tokens to choose)")
+        print(
+            f"note: {where} has {n_rows} rows; holding out {val} (10%) for validation instead of "
+            f"{DEFAULT_VAL_TOKENS} (set --val-tokens to choose)"
+        )
     return val
 
 
@@ -94,17 +104,23 @@ def synthetic_cache(cfg: RunConfig) -> PairedCache:
     return PairedCache(path, verify="size")
 
 
-def make_source(cfg: RunConfig, device: torch.device, dist: Dist = LOCAL) -> tuple[BatchSource, dict[str, Any]]:
+def make_source(
+    cfg: RunConfig, device: torch.device, dist: Dist = LOCAL
+) -> tuple[BatchSource, dict[str, Any]]:
     """Build the run's batch source (this rank's share under torchrun); also returns information
     recorded in ``config.json``."""
     d = cfg.data
     if d.base_model or d.ft_model or d.dataset:
         if dist.enabled:
-            raise DataError("on-the-fly training runs on one process; under torchrun, `crosscoder collect` "
-                            "a cache first and train with --cache")
+            raise DataError(
+                "on-the-fly training runs on one process; under torchrun, `crosscoder collect` "
+                "a cache first and train with --cache"
+            )
         missing = [n for n in ("base_model", "ft_model", "site", "dataset") if not getattr(d, n)]
         if missing:
-            raise DataError("on-the-fly training needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
+            raise DataError(
+                "on-the-fly training needs " + ", ".join("--" + m.replace("_", "-") for m in missing)
+            )
         from ..data.buffer import buffer_source
 
         src = buffer_source(cfg, device)
@@ -135,8 +151,18 @@ def make_source(cfg: RunConfig, device: torch.device, dist: Dist = LOCAL) -> tup
     where = str(d.base_data) if d.base_data and not d.cache else str(cache.path)
     cfg.train.val_tokens = resolve_val_tokens(cfg, cache.n_rows, where)
     norm = estimate_normalization(cache, d.norm_center, d.norm_scaling, d.norm_sample_tokens, cfg.train.seed)
-    src = CacheBatches(cache, cfg.train.batch_size, cfg.train.seed, norm, val_tokens=cfg.train.val_tokens,
-                       prefetch=d.prefetch, device=device, info=info, rank=dist.rank, world_size=dist.world_size)
+    src = CacheBatches(
+        cache,
+        cfg.train.batch_size,
+        cfg.train.seed,
+        norm,
+        val_tokens=cfg.train.val_tokens,
+        prefetch=d.prefetch,
+        device=device,
+        info=info,
+        rank=dist.rank,
+        world_size=dist.world_size,
+    )
     if cfg.train.b_dec_init == "mean":
         src.train_mean = training_space_mean(cache, norm, d.norm_sample_tokens, cfg.train.seed)
     return src, info

@@ -17,7 +17,9 @@ from . import ddp
 from .schedules import l1_coeff_at, lr_lambda
 
 
-def make_optimizer(params: list[torch.nn.Parameter], tc: TrainConfig, device: torch.device) -> torch.optim.Adam:
+def make_optimizer(
+    params: list[torch.nn.Parameter], tc: TrainConfig, device: torch.device
+) -> torch.optim.Adam:
     """Adam; the fused kernel (one pass per parameter) on CPU and CUDA float32 parameters."""
     fused = device.type in ("cpu", "cuda") and all(p.dtype == torch.float32 for p in params)
     return torch.optim.Adam(params, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=fused or None)
@@ -33,16 +35,23 @@ class TrainStep:
     multi-threaded, the many small ones on one thread (:func:`~crosscoder.model.selection.serial_small_ops`).
     """
 
-    def __init__(self, model: CrossCoder, tc: TrainConfig, total_steps: int, device: torch.device,
-                 dist: Dist | None = None) -> None:
+    def __init__(
+        self,
+        model: CrossCoder,
+        tc: TrainConfig,
+        total_steps: int,
+        device: torch.device,
+        dist: Dist | None = None,
+    ) -> None:
         self.model, self.tc, self.total, self.device = model, tc, total_steps, device
         self.dist = dist or LOCAL
         self.aux_k = tc.resolved_aux_k(model.cfg.arch, model.cfg.d_latent)
         self.dead_tokens = tc.resolved_dead_tokens
         self.params = list(model.parameters())
         self.opt = make_optimizer(self.params, tc, device)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(total_steps, tc.lr_warmup_frac,
-                                                                             tc.lr_decay_frac))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lr_lambda(total_steps, tc.lr_warmup_frac, tc.lr_decay_frac)
+        )
         self.since_fired = torch.zeros(model.cfg.d_latent, dtype=torch.long, device=device)
         self.loss_fn = torch.compile(compute_loss) if tc.compile else compute_loss
         self.ddp = ddp.wrap(model, self.dist, device, self.loss_fn)  # None on one process
@@ -57,7 +66,8 @@ class TrainStep:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.tc.dtype == "bfloat16")
 
     def __call__(self, x: torch.Tensor, step: int) -> float:
-        """Train on ``x [batch, n_models, d_model]`` at step ``step`` (0-based); returns the L1 coefficient."""
+        """Train on ``x [batch, n_models, d_model]`` at step ``step`` (0-based); returns the L1
+        coefficient."""
         # Compiled steps keep torch's threading (their kernels are fused and large).
         threads = torch.get_num_threads() if self.device.type == "cpu" and not self.tc.compile else 1
         with serial_small_ops(threads):
@@ -68,8 +78,15 @@ class TrainStep:
         l1 = l1_coeff_at(step, self.total, tc.l1_coeff, tc.l1_warmup_frac)
         dead = self.since_fired >= self.dead_tokens
         d = self.dist
-        inp = StepInput(sparsity_coeff=l1, l2=tc.l2_loss, aux_k=self.aux_k, aux_coeff=tc.aux_coeff, dead=dead,
-                        progress=step / self.total, dist=d if d.enabled else None)
+        inp = StepInput(
+            sparsity_coeff=l1,
+            l2=tc.l2_loss,
+            aux_k=self.aux_k,
+            aux_coeff=tc.aux_coeff,
+            dead=dead,
+            progress=step / self.total,
+            dist=d if d.enabled else None,
+        )
         with self.autocast():
             if self.ddp is None:
                 out = self.loss_fn(self.model, x, inp)
@@ -80,8 +97,11 @@ class TrainStep:
         loss.backward()
         self.model.constrain_grads()  # the latent layout (dedicated blocks, tied shared decoders)
         with big_kernels():
-            gnorm = (torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm) if tc.max_grad_norm > 0
-                     else torch.zeros((), device=self.device))
+            gnorm = (
+                torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm)
+                if tc.max_grad_norm > 0
+                else torch.zeros((), device=self.device)
+            )
             self.opt.step()
         self.sched.step()
         fired = ddp.global_fired(latents.fired(), d)

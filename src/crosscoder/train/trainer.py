@@ -30,7 +30,8 @@ from .logging import MetricsLogger
 from .sources import make_source
 from .step import TrainStep
 
-# Training rows scored to calibrate an inference rule (BatchTopK's threshold) before validation and at the end.
+# Training rows scored to calibrate an inference rule (BatchTopK's threshold) before validation and
+# at the end.
 CALIBRATION_TOKENS = 32_768
 
 
@@ -55,7 +56,9 @@ def geometric_median(x: torch.Tensor, iters: int = 50) -> torch.Tensor:
 
 def check_out(out: Path, overwrite: bool, resume: bool) -> None:
     if out.exists() and any(out.iterdir()) and not (overwrite or resume):
-        raise CrossCoderError(f"{out}: output folder exists; pass --resume to continue it or --overwrite to replace it")
+        raise CrossCoderError(
+            f"{out}: output folder exists; pass --resume to continue it or --overwrite to replace it"
+        )
     if resume and not (out / "config.json").is_file():
         raise CrossCoderError(f"{out}: nothing to resume (no config.json)")
 
@@ -81,8 +84,14 @@ class _SignalFlag:
             signal.signal(s, h)
 
 
-def run_training(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, resume: bool = False,
-                 stop_after_steps: int | None = None) -> dict[str, Any]:
+def run_training(
+    cfg: RunConfig,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    stop_after_steps: int | None = None,
+) -> dict[str, Any]:
     """Train a crosscoder as configured; write ``out/{config.json,model.safetensors,metrics.jsonl}``.
 
     ``stop_after_steps`` simulates an interruption (checkpoint, then :class:`Interrupted`) for tests.
@@ -115,8 +124,17 @@ def run_training(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, re
 
 
 class _Loop:
-    def __init__(self, cfg: RunConfig, out: Path, source: Any, info: dict[str, Any], device: torch.device,
-                 resume: bool, stop_after: int | None, dist: Dist = LOCAL) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        out: Path,
+        source: Any,
+        info: dict[str, Any],
+        device: torch.device,
+        resume: bool,
+        stop_after: int | None,
+        dist: Dist = LOCAL,
+    ) -> None:
         tc = cfg.train
         self.cfg, self.out, self.source, self.device, self.stop_after = cfg, out, source, device, stop_after
         self.dist = dist
@@ -134,7 +152,11 @@ class _Loop:
         self.model = CrossCoder(dataclasses.replace(cfg.model), generator=gen).to(device)
         self.model.train()
         self.train_step = TrainStep(self.model, tc, self.total, device, dist)
-        self.opt, self.sched, self.since_fired = self.train_step.opt, self.train_step.sched, self.train_step.since_fired
+        self.opt, self.sched, self.since_fired = (
+            self.train_step.opt,
+            self.train_step.sched,
+            self.train_step.since_fired,
+        )
         self.step, self.first_batch = 0, None
         if resume and list_checkpoints(out):
             self._restore(list_checkpoints(out)[-1][1])
@@ -162,8 +184,9 @@ class _Loop:
             try:
                 self.model.load_state_dict(tensors)
             except RuntimeError as e:
-                raise CrossCoderError(f"{path}: checkpoint does not match the model "
-                                      f"({str(e).splitlines()[0]})") from None
+                raise CrossCoderError(
+                    f"{path}: checkpoint does not match the model ({str(e).splitlines()[0]})"
+                ) from None
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
         set_rng_state(ck["rng"])
@@ -173,9 +196,14 @@ class _Loop:
     def _save(self) -> Path | None:
         if not self.dist.is_main:  # rank 0 alone writes checkpoints
             return None
-        state = {"step": self.step, "tokens": self.step * self.cfg.train.batch_size, "data": self.source.state_dict()}
-        return save_checkpoint(self.out, self.step, self._tensors(), self.opt, self.sched, state,
-                               self.cfg.train.keep_checkpoints)
+        state = {
+            "step": self.step,
+            "tokens": self.step * self.cfg.train.batch_size,
+            "data": self.source.state_dict(),
+        }
+        return save_checkpoint(
+            self.out, self.step, self._tensors(), self.opt, self.sched, state, self.cfg.train.keep_checkpoints
+        )
 
     def _run_config(self, **extra: Any) -> dict[str, Any]:
         d = self.cfg.to_dict()
@@ -220,15 +248,19 @@ class _Loop:
         keys = list(sums)
         if self.dist.enabled:  # every rank evaluated a disjoint share of the held-out batches
             keys = self.dist.broadcast_object(keys)
-            tot = torch.stack([torch.as_tensor(sums.get(k, 0.0), dtype=torch.float32, device=self.device)
-                               for k in keys] + [torch.tensor(float(n), device=self.device)])
+            tot = torch.stack(
+                [torch.as_tensor(sums.get(k, 0.0), dtype=torch.float32, device=self.device) for k in keys]
+                + [torch.tensor(float(n), device=self.device)]
+            )
             tot = self.dist.all_reduce_sum(tot)
             sums, n = dict(zip(keys, tot[:-1], strict=True)), int(tot[-1])
             pooled = self.dist.all_reduce_sum(pooled)
         if n == 0:
             return {}
-        out_metrics = {f"val/{k}": v for k, v in zip(keys, (torch.stack([sums[k] for k in keys]) / n).tolist(),
-                                                       strict=True)}
+        out_metrics = {
+            f"val/{k}": v
+            for k, v in zip(keys, (torch.stack([sums[k] for k in keys]) / n).tolist(), strict=True)
+        }
         ev = explained_variance_from_moments(pooled, m)
         out_metrics.update({f"val/{k}": float(v) for k, v in ev.items()})
         return out_metrics
@@ -270,8 +302,13 @@ class _Loop:
         main = self.dist.is_main
         if main:
             write_json(self.out / "config.json", self._run_config())
-        logger = (MetricsLogger(self.out, self._run_config(), tc.wandb, tc.wandb_project, self.total, self.step,
-                                tc.progress) if main else _NullLogger())
+        logger = (
+            MetricsLogger(
+                self.out, self._run_config(), tc.wandb, tc.wandb_project, self.total, self.step, tc.progress
+            )
+            if main
+            else _NullLogger()
+        )
         n_acc, t_last, last, val = 0, time.perf_counter(), {}, {}
         paused = 0.0  # seconds spent validating and checkpointing since the last log (not training)
         try:
@@ -287,16 +324,23 @@ class _Loop:
                     if self.step % tc.log_every == 0 or self.step == self.total:
                         now = time.perf_counter()
                         last = self.train_step.read_metrics()
-                        last.update(l1_coeff=l1 if model.arch.penalty_name else 0.0, lr=lr,
-                                    tokens=self.step * tc.batch_size,
-                                    tokens_per_s=n_acc * tc.batch_size / max(now - t_last - paused, 1e-9))
+                        last.update(
+                            l1_coeff=l1 if model.arch.penalty_name else 0.0,
+                            lr=lr,
+                            tokens=self.step * tc.batch_size,
+                            tokens_per_s=n_acc * tc.batch_size / max(now - t_last - paused, 1e-9),
+                        )
                         last.update(model.arch.log_metrics())
                         logger.log(last, self.step)
                         n_acc, t_last, paused = 0, time.perf_counter(), 0.0
                     t0 = time.perf_counter()
                     if self.step == self.total:
                         self.calibrate()  # the saved model's inference threshold, from the final weights
-                    if tc.val_every and tc.val_tokens and (self.step % tc.val_every == 0 or self.step == self.total):
+                    if (
+                        tc.val_every
+                        and tc.val_tokens
+                        and (self.step % tc.val_every == 0 or self.step == self.total)
+                    ):
                         val = self._validate_calibrated(l1, final=self.step == self.total)
                         if val:
                             logger.log(val, self.step)
@@ -306,8 +350,9 @@ class _Loop:
                     if self._should_stop(sig.signum, self.step % tc.log_every == 0):
                         ck = self._save()
                         why = f"signal {sig.signum}" if sig.signum is not None else "stop requested"
-                        raise Interrupted(f"{why} at step {self.step}/{self.total}; checkpoint {ck}; "
-                                          "continue with --resume")
+                        raise Interrupted(
+                            f"{why} at step {self.step}/{self.total}; checkpoint {ck}; continue with --resume"
+                        )
         finally:
             logger.close()
         self._save()
@@ -315,9 +360,15 @@ class _Loop:
         if not main:
             return metrics
         final = copy.deepcopy(model).cpu().fold(self.norm_scale, self.norm_mean)
-        final.save_pretrained(self.out, extra_config={
-            "train": dataclasses.asdict(self.cfg.train), "data": dataclasses.asdict(self.cfg.data),
-            "metrics": metrics, "source": {k: v for k, v in self.info.items() if k != "fingerprints"}})
+        final.save_pretrained(
+            self.out,
+            extra_config={
+                "train": dataclasses.asdict(self.cfg.train),
+                "data": dataclasses.asdict(self.cfg.data),
+                "metrics": metrics,
+                "source": {k: v for k, v in self.info.items() if k != "fingerprints"},
+            },
+        )
         return metrics
 
 

@@ -24,7 +24,8 @@ from ..workspace import Workspace
 
 
 class DistContext(Protocol):
-    """The collectives an architecture may need under ``torchrun`` (see :class:`crosscoder.distributed.Dist`)."""
+    """The collectives an architecture may need under ``torchrun``
+    (see :class:`crosscoder.distributed.Dist`)."""
 
     world_size: int
 
@@ -71,9 +72,17 @@ class Latents:
     :meth:`to_dense` then returns a copy, and raises if the buffer was overwritten already.
     """
 
-    def __init__(self, shape: tuple[int, int], *, dense: torch.Tensor | None = None, sel: Selection | None = None,
-                 vals: torch.Tensor | None = None, fired: torch.Tensor | None = None, l0: torch.Tensor | None = None,
-                 aliased: bool = False) -> None:
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        *,
+        dense: torch.Tensor | None = None,
+        sel: Selection | None = None,
+        vals: torch.Tensor | None = None,
+        fired: torch.Tensor | None = None,
+        l0: torch.Tensor | None = None,
+        aliased: bool = False,
+    ) -> None:
         self.shape, self._dense, self.sel, self.vals, self.aliased = shape, dense, sel, vals, aliased
         self._fired, self._l0 = fired, l0
         self._version = dense._version if dense is not None else 0
@@ -84,8 +93,10 @@ class Latents:
             if not self.aliased:
                 return self._dense
             if self._dense._version != self._version:
-                raise RuntimeError("these latents were overwritten by a later forward pass of the same model; "
-                                   "read LossOutput.f before the next compute_loss call")
+                raise RuntimeError(
+                    "these latents were overwritten by a later forward pass of the same model; "
+                    "read LossOutput.f before the next compute_loss call"
+                )
             return self._dense.clone()
         out = torch.zeros(self.shape[0] * self.shape[1], dtype=self.vals.dtype, device=self.vals.device)
         return out.index_copy_(0, self.sel.flat, self.vals).view(self.shape)
@@ -175,14 +186,15 @@ class Architecture(nn.Module):
     def method(self, device: torch.device) -> str:
         return self.select_method or ("threshold" if device.type == "cpu" else "topk")
 
-    # ------------------------------------------------------------------ the maths
+    # ---------------------------------------------------------------- the maths
     def weight(self) -> torch.Tensor:
         """Per-latent weight of the sparsity term ``[d_latent]``: decoder norms (summed over models, or
         their concatenation's norm) times the layout's per-latent factor (designated shared latents)."""
         return self.model.latent_weight() * self.model.sparsity_scale
 
-    def activate(self, pre: torch.Tensor, weight: torch.Tensor, training: bool,
-                 inp: StepInput | None = None) -> torch.Tensor:
+    def activate(
+        self, pre: torch.Tensor, weight: torch.Tensor, training: bool, inp: StepInput | None = None
+    ) -> torch.Tensor:
         """``pre [batch, d_latent]``, ``weight [d_latent]`` -> ``f [batch, d_latent]`` (>= 0)."""
         raise NotImplementedError
 
@@ -195,7 +207,9 @@ class Architecture(nn.Module):
         """The sparsity term of the dense path (scalar): decoder-weighted L1, ``mean_b sum_i f_bi w_i``."""
         return (f * weight).sum(-1).mean()
 
-    def extra_losses(self, f: torch.Tensor, pre: torch.Tensor, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    def extra_losses(
+        self, f: torch.Tensor, pre: torch.Tensor, weight: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """Further loss terms of the dense path, already weighted (``ForwardOut.losses``); none by default."""
         return {}
 
@@ -207,8 +221,12 @@ class Architecture(nn.Module):
         pre = model.encode_pre(x)
         f = self.activate(pre, weight, model.training, inp)
         x_hat = model.decode(f)
-        out = ForwardOut(x_hat, self.penalty(f, pre, weight), Latents(tuple(f.shape), dense=f.detach()),
-                         losses=self.extra_losses(f, pre, weight))
+        out = ForwardOut(
+            x_hat,
+            self.penalty(f, pre, weight),
+            Latents(tuple(f.shape), dense=f.detach()),
+            losses=self.extra_losses(f, pre, weight),
+        )
         if inp.use_aux:
             out.aux_e_hat, out.aux_scale = self.dense_aux(pre, inp)
         return out
@@ -231,22 +249,25 @@ class Architecture(nn.Module):
         e_hat = F.embedding_bag(idx, w_flat, per_sample_weights=vals.to(w_flat.dtype), mode="sum")
         return e_hat, dead.any()
 
-    # ------------------------------------------------------------------ shared pieces of the fast paths
+    # ---------------------------------------------------------------- shared pieces of the fast paths
     def params2(self) -> tuple[torch.Tensor, ...]:
         """``(w_enc2 [M*Dm, H], b_enc [H], w_dec2 [H, M*Dm], b_dec2 [1, M*Dm])`` as views."""
         m = self.model
         h = m.cfg.d_latent
         return m.W_enc.reshape(-1, h), m.b_enc, m.W_dec.reshape(h, -1), m.b_dec.reshape(1, -1)
 
-    def encode_with_aux(self, x2: torch.Tensor, acts: torch.Tensor, sels: tuple[Selection, ...],
-                        inp: StepInput) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None, torch.Tensor | None]:
+    def encode_with_aux(
+        self, x2: torch.Tensor, acts: torch.Tensor, sels: tuple[Selection, ...], inp: StepInput
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None, torch.Tensor | None]:
         """Encoder values at ``sels`` plus sparse AuxK from ``acts [B, H]`` (pre-activations or their relu).
 
         Returns ``(values per selection, aux_e_hat [B, D] or None, aux_scale or None)``; one sparse
         encoder backward covers every selection.
         """
         w_enc2, b_enc, w_dec2, _ = self.params2()
-        sel = select_aux(acts, inp.dead, inp.aux_k, self.method(acts.device), self.ws) if inp.use_aux else None
+        sel = (
+            select_aux(acts, inp.dead, inp.aux_k, self.method(acts.device), self.ws) if inp.use_aux else None
+        )
         if sel is None:
             return (sparse_encode(x2, w_enc2, b_enc, acts, sels) if sels else ()), None, None
         raws = sparse_encode(x2, w_enc2, b_enc, acts, sels + (sel,))
@@ -260,7 +281,7 @@ class Architecture(nn.Module):
             e_hat = sparse_decode(vals, w_dec2, sel)
         return raws[:-1], e_hat, dead.any()
 
-    # ------------------------------------------------------------------ state beyond W_enc, b_enc, W_dec, b_dec
+    # ---------------------------------------------------------------- state beyond W_enc, b_enc, W_dec, b_dec
     def saved_tensors(self) -> dict[str, torch.Tensor]:
         """Extra tensors written to ``model.safetensors`` (names at the top level of the file)."""
         return {}

@@ -31,9 +31,14 @@ from .base import Architecture, ForwardOut, Latents, StepInput
 class BatchTopKOptions:
     k: int = option(32, "batchtopk/matryoshka: mean active latents per token (k * batch kept per batch)")
     threshold_beta: float = option(0.999, "batchtopk/matryoshka: EMA factor of the logged training threshold")
-    k_anneal_frac: float = option(0.0, "batchtopk/matryoshka: fraction of training over which k falls linearly "
-                                  "from --k-anneal-start to k (0 = off)")
-    k_anneal_start: int | None = option(None, "batchtopk/matryoshka: k at the start of annealing (default 4 k)")
+    k_anneal_frac: float = option(
+        0.0,
+        "batchtopk/matryoshka: fraction of training over which k falls linearly "
+        "from --k-anneal-start to k (0 = off)",
+    )
+    k_anneal_start: int | None = option(
+        None, "batchtopk/matryoshka: k at the start of annealing (default 4 k)"
+    )
 
 
 def annealed_k(k: int, start: int | None, frac: float, progress: float) -> int:
@@ -102,8 +107,9 @@ class BatchTopK(Architecture):
         shared latent with a 10x lower penalty scores 10x higher in the selection)."""
         return self.model.latent_weight() / self.model.sparsity_scale
 
-    def activate(self, pre: torch.Tensor, weight: torch.Tensor, training: bool,
-                 inp: StepInput | None = None) -> torch.Tensor:
+    def activate(
+        self, pre: torch.Tensor, weight: torch.Tensor, training: bool, inp: StepInput | None = None
+    ) -> torch.Tensor:
         acts = torch.relu(pre)
         scores = acts * weight
         if not training and bool(self.threshold >= 0):
@@ -164,8 +170,9 @@ class BatchTopK(Architecture):
         return n
 
     # ------------------------------------------------------------------ the fast path
-    def select_batch(self, pre: torch.Tensor, w: torch.Tensor, n_keep: int, method: str,
-                     inp: StepInput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def select_batch(
+        self, pre: torch.Tensor, w: torch.Tensor, n_keep: int, method: str, inp: StepInput
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """This rank's entries among the batch top-k of the global batch: ``(flat, scores, kept, mask)``.
 
         ``kept`` holds the scores of every globally kept entry (for the threshold EMA). With one process
@@ -184,7 +191,7 @@ class BatchTopK(Architecture):
         n_global = n_keep * d.world_size
         flat, scores = select_batch_topk(pre, w, min(n_global, pre.numel()), method, self.ws)
         padded = torch.full((n_global,), -1.0, dtype=scores.dtype, device=scores.device)
-        padded[:scores.numel()] = scores
+        padded[: scores.numel()] = scores
         top = d.all_gather_cat(padded).topk(n_global, sorted=False).values
         keep = scores >= top.min()
         if method == "topk":
@@ -225,8 +232,13 @@ class BatchTopK(Architecture):
             acts = acts * mask.to(acts.dtype)
         _, _, w_dec2, b_dec2 = self.params2()
         x_hat = (sparse_decode(acts, w_dec2, sel) + b_dec2).view_as(x)
-        return ForwardOut(x_hat, torch.zeros((), device=x.device), Latents((b, h), sel=sel, vals=acts.detach()),
-                          e_hat, scale)
+        return ForwardOut(
+            x_hat,
+            torch.zeros((), device=x.device),
+            Latents((b, h), sel=sel, vals=acts.detach()),
+            e_hat,
+            scale,
+        )
 
     # ------------------------------------------------------------------ state
     def saved_tensors(self) -> dict[str, torch.Tensor]:

@@ -41,8 +41,9 @@ from .base import Architecture, StepInput
 
 @dataclass
 class JumpReLUOptions:
-    jumprelu_sparsity: str = option("step", "jumprelu: sparsity term: decoder-weighted L0 (step) or tanh",
-                                    choices=("step", "tanh"))
+    jumprelu_sparsity: str = option(
+        "step", "jumprelu: sparsity term: decoder-weighted L0 (step) or tanh", choices=("step", "tanh")
+    )
     jumprelu_bandwidth: float = option(0.1, "jumprelu: kernel bandwidth of the straight-through estimator")
     jumprelu_init_threshold: float = option(1.0, "jumprelu: initial threshold of every latent")
     jumprelu_tanh_scale: float = option(4.0, "jumprelu: c in tanh(c * f * w) (--jumprelu-sparsity tanh)")
@@ -101,7 +102,9 @@ class JumpReLU(Architecture):
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__(model)
         cfg = model.cfg
-        self.log_threshold = torch.nn.Parameter(torch.full((cfg.d_latent,), math.log(cfg.jumprelu_init_threshold)))
+        self.log_threshold = torch.nn.Parameter(
+            torch.full((cfg.d_latent,), math.log(cfg.jumprelu_init_threshold))
+        )
 
     @classmethod
     def validate_config(cls, cfg: Any) -> None:
@@ -115,8 +118,9 @@ class JumpReLU(Architecture):
         """``theta [d_latent]`` (positive)."""
         return self.log_threshold.exp()
 
-    def activate(self, pre: torch.Tensor, weight: torch.Tensor, training: bool,
-                 inp: StepInput | None = None) -> torch.Tensor:
+    def activate(
+        self, pre: torch.Tensor, weight: torch.Tensor, training: bool, inp: StepInput | None = None
+    ) -> torch.Tensor:
         return _JumpReLU.apply(pre, self.theta(), self.model.cfg.jumprelu_bandwidth)
 
     def activate_entries(self, pre: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
@@ -126,10 +130,14 @@ class JumpReLU(Architecture):
         cfg = self.model.cfg
         if cfg.jumprelu_sparsity == "tanh":
             return torch.tanh(cfg.jumprelu_tanh_scale * f * weight).sum(-1).mean()
-        active = _Step.apply(pre, self.theta(), cfg.jumprelu_bandwidth)  # H(f w) = H(f): decoder norms drop out
+        active = _Step.apply(
+            pre, self.theta(), cfg.jumprelu_bandwidth
+        )  # H(f w) = H(f): decoder norms drop out
         return (active * self.model.sparsity_scale).sum(-1).mean()
 
-    def extra_losses(self, f: torch.Tensor, pre: torch.Tensor, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    def extra_losses(
+        self, f: torch.Tensor, pre: torch.Tensor, weight: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         coeff = self.model.cfg.jumprelu_preact_coeff
         if coeff <= 0:
             return {}
@@ -143,8 +151,9 @@ class JumpReLU(Architecture):
     def load_saved(self, tensors: dict[str, torch.Tensor], where: str) -> None:
         t = tensors.get("threshold")
         if t is None or t.shape != self.log_threshold.shape or not bool((t > 0).all()):
-            raise CrossCoderError(f"{where}: jumprelu needs a positive 'threshold' of shape "
-                             f"{tuple(self.log_threshold.shape)}")
+            raise CrossCoderError(
+                f"{where}: jumprelu needs a positive 'threshold' of shape {tuple(self.log_threshold.shape)}"
+            )
         with torch.no_grad():
             self.log_threshold.copy_(t.log())
 

@@ -34,12 +34,18 @@ from .batchtopk import BatchTopK
 
 @dataclass
 class MatryoshkaOptions:
-    prefixes: str = option("", "matryoshka: nested prefix sizes, comma-separated and ascending, e.g. 64,256; "
-                           "d_latent is always the last (appended if missing); empty = d_latent/16, "
-                           "d_latent/4, d_latent")
-    prefix_weights: str | None = option(None, "matryoshka: loss weight of each prefix, comma-separated: one per "
-                                        "prefix including the full dictionary, or one per listed prefix (the full "
-                                        "dictionary then weighs 1); default all 1")
+    prefixes: str = option(
+        "",
+        "matryoshka: nested prefix sizes, comma-separated and ascending, e.g. 64,256; "
+        "d_latent is always the last (appended if missing); empty = d_latent/16, "
+        "d_latent/4, d_latent",
+    )
+    prefix_weights: str | None = option(
+        None,
+        "matryoshka: loss weight of each prefix, comma-separated: one per "
+        "prefix including the full dictionary, or one per listed prefix (the full "
+        "dictionary then weighs 1); default all 1",
+    )
 
 
 def _numbers(text: object, field: str, kind: type) -> list:
@@ -48,8 +54,9 @@ def _numbers(text: object, field: str, kind: type) -> list:
     try:
         out = [kind(s) if kind is float else int(str(s).strip()) for s in items]
     except (TypeError, ValueError):
-        raise ConfigError(f"{field}: expected comma-separated {'numbers' if kind is float else 'integers'}, "
-                          f"got {text!r}") from None
+        raise ConfigError(
+            f"{field}: expected comma-separated {'numbers' if kind is float else 'integers'}, got {text!r}"
+        ) from None
     return out
 
 
@@ -80,8 +87,10 @@ def prefix_weights(weights: object, n_prefixes: int) -> tuple[float, ...]:
     if len(w) == n_prefixes - 1:
         w.append(1.0)
     if len(w) != n_prefixes:
-        raise ConfigError(f"prefix_weights: expected {n_prefixes} weights (one per prefix, the full dictionary "
-                          f"last) or {n_prefixes - 1}, got {len(w)}")
+        raise ConfigError(
+            f"prefix_weights: expected {n_prefixes} weights (one per prefix, the full dictionary "
+            f"last) or {n_prefixes - 1}, got {len(w)}"
+        )
     if not all(v >= 0 and v < float("inf") for v in w):  # also refuses NaN
         raise ConfigError(f"prefix_weights: weights must be finite and >= 0, got {weights!r}")
     if not any(v > 0 for v in w):
@@ -99,8 +108,17 @@ def segment_selection(sel: Selection, bounds: torch.Tensor) -> Selection:
     rows = sel.rows * n_seg + seg
     n_rows = sel.n_rows * n_seg
     row_ptr = torch.searchsorted(rows, torch.arange(n_rows + 1, device=rows.device))
-    return Selection(rows * sel.n_cols + sel.cols, rows, sel.cols, row_ptr, sel.col_perm, sel.col_ptr,
-                     rows.index_select(0, sel.col_perm), n_rows, sel.n_cols)
+    return Selection(
+        rows * sel.n_cols + sel.cols,
+        rows,
+        sel.cols,
+        row_ptr,
+        sel.col_perm,
+        sel.col_ptr,
+        rows.index_select(0, sel.col_perm),
+        n_rows,
+        sel.n_cols,
+    )
 
 
 @register("matryoshka")
@@ -142,7 +160,9 @@ class Matryoshka(BatchTopK):
         out = torch.addmm(m.b_dec.reshape(1, -1), f[:, :p], m.W_dec[:p].reshape(p, -1))
         return out.view(f.shape[0], m.cfg.n_models, m.cfg.d_model)
 
-    def prefix_terms(self, out: ForwardOut, x: torch.Tensor, x_hats: Sequence[torch.Tensor], inp: StepInput) -> None:
+    def prefix_terms(
+        self, out: ForwardOut, x: torch.Tensor, x_hats: Sequence[torch.Tensor], inp: StepInput
+    ) -> None:
         """``prefix_loss`` and the ``ev_prefix_<p>`` metrics into ``out`` from ``x_hats`` (one ``[B, M, Dm]``
         per prefix, the full dictionary last)."""
         from ..losses import l2_loss  # here: the losses module imports this package
@@ -160,8 +180,16 @@ class Matryoshka(BatchTopK):
                 sst = (x - x.mean(0, keepdim=True)).float().pow(2).sum()
             else:  # global batch: SST around the global mean, from summed moments (float64)
                 xd = x.detach().double()
-                st = inp.dist.all_reduce_sum(torch.cat([sse.double(), xd.sum(0).reshape(-1),
-                                                        xd.pow(2).sum().reshape(1), xd.new_tensor([x.shape[0]])]))
+                st = inp.dist.all_reduce_sum(
+                    torch.cat(
+                        [
+                            sse.double(),
+                            xd.sum(0).reshape(-1),
+                            xd.pow(2).sum().reshape(1),
+                            xd.new_tensor([x.shape[0]]),
+                        ]
+                    )
+                )
                 n_p = len(x_hats)
                 sse, s1, s2, n = st[:n_p], st[n_p:-2], st[-2], st[-1]
                 sst = s2 - s1.pow(2).sum() / n
@@ -174,7 +202,9 @@ class Matryoshka(BatchTopK):
         pre = model.encode_pre(x)
         f = self.activate(pre, self.weight(), model.training, inp)  # [B, H]
         x_hats = [self.decode_prefix(f, p) for p in self.prefix_sizes]
-        out = ForwardOut(x_hats[-1], torch.zeros((), device=x.device), Latents(tuple(f.shape), dense=f.detach()))
+        out = ForwardOut(
+            x_hats[-1], torch.zeros((), device=x.device), Latents(tuple(f.shape), dense=f.detach())
+        )
         if inp.use_aux:
             out.aux_e_hat, out.aux_scale = self.dense_aux(pre, inp)
         self.prefix_terms(out, x, x_hats, inp)
@@ -190,13 +220,20 @@ class Matryoshka(BatchTopK):
             acts = acts * mask.to(acts.dtype)
         _, _, w_dec2, b_dec2 = self.params2()
         n_seg = len(self.prefix_sizes)
-        segs = sparse_decode(acts, w_dec2, segment_selection(sel, self.bounds)).view(b, n_seg, -1)  # [B, L, D]
+        segs = sparse_decode(acts, w_dec2, segment_selection(sel, self.bounds)).view(
+            b, n_seg, -1
+        )  # [B, L, D]
         x_hats, acc = [], b_dec2
         for seg in segs.unbind(1):  # x_hat_j = b_dec + segments 1..j (a running sum; cheaper than cumsum)
             acc = acc + seg
             x_hats.append(acc.view_as(x))
-        out = ForwardOut(x_hats[-1], torch.zeros((), device=x.device),
-                         Latents((b, h), sel=sel, vals=acts.detach()), e_hat, scale)
+        out = ForwardOut(
+            x_hats[-1],
+            torch.zeros((), device=x.device),
+            Latents((b, h), sel=sel, vals=acts.detach()),
+            e_hat,
+            scale,
+        )
         self.prefix_terms(out, x, x_hats, inp)
         return out
 

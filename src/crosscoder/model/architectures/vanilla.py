@@ -31,8 +31,9 @@ class Vanilla(Architecture):
     penalty_name = "l1_loss"
     has_fast_path = True
 
-    def activate(self, pre: torch.Tensor, weight: torch.Tensor, training: bool,
-                 inp: StepInput | None = None) -> torch.Tensor:
+    def activate(
+        self, pre: torch.Tensor, weight: torch.Tensor, training: bool, inp: StepInput | None = None
+    ) -> torch.Tensor:
         return torch.relu(pre)
 
     def forward_fast(self, x: torch.Tensor, inp: StepInput) -> ForwardOut:
