@@ -18,6 +18,7 @@ from crosscoder.train import run_training
 
 def tiny(**kw) -> CrossCoder:
     """2 models, d_model 1, 3 latents: W_enc[m, 0, i] = 1 for m = 0 only, so pre_i = x_0 + b_enc_i."""
+    kw = {"jumprelu_sparsity": "step", "jumprelu_preact_coeff": 0.0, **kw}
     cfg = CrossCoderConfig(arch="jumprelu", d_latent=3, d_model=1, jumprelu_bandwidth=0.5, **kw)
     m = CrossCoder(cfg)
     with torch.no_grad():
@@ -114,8 +115,8 @@ def test_save_load_fold_keep_latents(tmp_path) -> None:
 
 
 def test_learns_the_builtin_pair(tmp_path) -> None:
-    """On the built-in planted pair (2.75 active features per token) the thresholds rise until L0 is near the
-    planted L0, with high explained variance and exclusive features found (the defaults' recipe)."""
+    """On the built-in planted pair (2.75 active features per token) the thresholds rise from their initial 1.0
+    until L0 is a small multiple of the planted L0, with high explained variance (the defaults' recipe)."""
     cfg = RunConfig(
         model=CrossCoderConfig(arch="jumprelu", d_latent=512),
         train=TrainConfig(
@@ -129,7 +130,9 @@ def test_learns_the_builtin_pair(tmp_path) -> None:
         ),
     )
     metrics = run_training(cfg, tmp_path / "run")
-    assert 2.0 < metrics["val/l0_loss"] < 6.0, metrics["val/l0_loss"]
+    # defaults (tanh + pre-activation loss): about twice the planted L0 (measured 5.6-6.2), the price of the
+    # pre-activation loss that keeps exclusive latents alive; the step variant without it gives ~3
+    assert 2.0 < metrics["val/l0_loss"] < 8.0, metrics["val/l0_loss"]
     assert metrics["val/explained_variance"] > 0.93
     model = CrossCoder.from_pretrained(tmp_path / "run")
     assert float(model.arch.theta().median()) > 1.0  # the thresholds moved up from their initial 1.0

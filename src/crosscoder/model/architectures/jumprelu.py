@@ -5,8 +5,8 @@ For ``x [B, M, Dm]``, pre-activations ``z [B, H]``, per-latent thresholds ``thet
 
     f_bi = z_bi * H(z_bi - theta_i)                                    JumpReLU
     loss = sum_m ||x_m - x_hat_m||^2 + l1_coeff * S + preact_coeff * P
-    S    = mean_b sum_i H(z_bi - theta_i)              (--jumprelu-sparsity step: L0)
-         = mean_b sum_i tanh(c f_bi w_i)               (--jumprelu-sparsity tanh, c = --jumprelu-tanh-scale)
+    S    = mean_b sum_i tanh(c f_bi w_i)               (--jumprelu-sparsity tanh, default; c = tanh scale)
+         = mean_b sum_i H(z_bi - theta_i)              (--jumprelu-sparsity step: L0)
     P    = mean_b sum_i relu(theta_i - z_bi) w_i       (pre-activation loss: pulls dead latents up)
 
 Both sparsity terms are functions of the decoder-norm-weighted activation ``f w`` (``H(f w) = H(f)``) and
@@ -42,12 +42,12 @@ from .base import Architecture, StepInput
 @dataclass
 class JumpReLUOptions:
     jumprelu_sparsity: str = option(
-        "step", "jumprelu: sparsity term: decoder-weighted L0 (step) or tanh", choices=("step", "tanh")
+        "tanh", "jumprelu: sparsity term: tanh(c f w) (Anthropic) or L0 (step)", choices=("tanh", "step")
     )
     jumprelu_bandwidth: float = option(0.1, "jumprelu: kernel bandwidth of the straight-through estimator")
     jumprelu_init_threshold: float = option(1.0, "jumprelu: initial threshold of every latent")
     jumprelu_tanh_scale: float = option(4.0, "jumprelu: c in tanh(c * f * w) (--jumprelu-sparsity tanh)")
-    jumprelu_preact_coeff: float = option(0.0, "jumprelu: coefficient of the pre-activation loss (0 = off)")
+    jumprelu_preact_coeff: float = option(0.01, "jumprelu: coefficient of the pre-activation loss (0 = off)")
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
