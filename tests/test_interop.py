@@ -8,6 +8,7 @@ as the sources write them (``torch.save`` of a tensor dict; safetensors + config
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import json
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from crosscoder.config import CrossCoderConfig
 from crosscoder.errors import CrossCoderError
 from crosscoder.interop.convert import convert, load_foreign
 from crosscoder.interop.hub import push_to_hub, render_model_card, write_model_card
+from crosscoder.model import architecture_names
 from crosscoder.model.crosscoder import CrossCoder
 
 torch.set_num_threads(1)
@@ -103,6 +105,38 @@ def test_save_load_round_trip(tmp_path: Path, arch: str) -> None:
         close(a, b)
     if arch == "batchtopk":
         assert float(loaded.arch.threshold) == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("layout", [{}, {"dedicated_base": 3, "dedicated_ft": 3, "shared_latents": 4}])
+@pytest.mark.parametrize("arch", architecture_names())  # every registered architecture
+def test_every_architecture_round_trips(tmp_path: Path, arch: str, layout: dict) -> None:
+    """save_pretrained -> push_to_hub (staged locally) -> from_pretrained keeps the architecture's own state
+    (thresholds), its options and the latent layout: identical latents and reconstructions."""
+    g = torch.Generator().manual_seed(1)
+    cfg = CrossCoderConfig(arch=arch, d_latent=H, k=K, d_model=D, n_models=M, **layout)
+    model = CrossCoder(cfg, generator=g)
+    with torch.no_grad():
+        model.b_enc.copy_(torch.randn(H, generator=g) * 0.1)
+        for t in model.arch.parameters():  # e.g. JumpReLU's per-latent thresholds
+            t.copy_(torch.randn(t.shape, generator=g) * 0.3)
+        for t in model.arch.buffers():  # e.g. BatchTopK's threshold
+            if t.is_floating_point():
+                t.fill_(0.05)
+    model.fold([2.0, 0.5]).eval()
+    run = tmp_path / "run"
+    model.save_pretrained(run)
+    out = tmp_path / "staged"
+    push_to_hub(run, "user/cc", local_dir=out)
+    loaded = CrossCoder.from_pretrained(out)
+    # the saved config records the resolved shared-latent factor (the architecture's default when unset)
+    assert dataclasses.replace(loaded.cfg, shared_sparsity_coeff=None) == model.cfg
+    assert loaded.layout == model.layout
+    for (n, a), (_, b) in zip(model.arch.state_dict().items(), loaded.arch.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+    x = rand_x()
+    assert torch.equal(loaded.encode(x), model.encode(x))
+    assert torch.equal(loaded(x)[0], model(x)[0])
+    assert f"- {arch}\n" in (out / "README.md").read_text()
 
 
 # --------------------------------------------------------------------------------------- model card

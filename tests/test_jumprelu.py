@@ -115,7 +115,7 @@ def test_save_load_fold_keep_latents(tmp_path) -> None:
 
 
 def test_learns_the_builtin_pair(tmp_path) -> None:
-    """On the built-in planted pair (2.75 active features per token) the thresholds rise from their initial 1.0
+    """On the built-in planted pair (2.75 active features per token) the thresholds rise from 1.0
     until L0 is a small multiple of the planted L0, with high explained variance (the defaults' recipe)."""
     cfg = RunConfig(
         model=CrossCoderConfig(arch="jumprelu", d_latent=512),

@@ -146,16 +146,22 @@ class JumpReLU(Architecture):
 
     # ------------------------------------------------------------------ state
     def saved_tensors(self) -> dict[str, torch.Tensor]:
-        return {"threshold": self.theta().detach().cpu().contiguous()}
+        """``threshold [d_latent]`` (the SAE libraries' name) and ``log_threshold`` (the exact state)."""
+        return {
+            "threshold": self.theta().detach().cpu().contiguous(),
+            "log_threshold": self.log_threshold.detach().cpu().contiguous(),
+        }
 
     def load_saved(self, tensors: dict[str, torch.Tensor], where: str) -> None:
-        t = tensors.get("threshold")
-        if t is None or t.shape != self.log_threshold.shape or not bool((t > 0).all()):
-            raise CrossCoderError(
-                f"{where}: jumprelu needs a positive 'threshold' of shape {tuple(self.log_threshold.shape)}"
-            )
+        shape = tuple(self.log_threshold.shape)
+        log_t = tensors.get("log_threshold")
+        if log_t is None and tensors.get("threshold") is not None:  # a file with thresholds only
+            t = tensors["threshold"]
+            log_t = t.log() if t.shape == shape and bool((t > 0).all()) else None
+        if log_t is None or tuple(log_t.shape) != shape:
+            raise CrossCoderError(f"{where}: jumprelu needs a positive 'threshold' of shape {shape}")
         with torch.no_grad():
-            self.log_threshold.copy_(t.log())
+            self.log_threshold.copy_(log_t)
 
     def log_metrics(self) -> dict[str, float]:
         return {"threshold_median": float(self.theta().median())}
