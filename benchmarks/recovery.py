@@ -9,9 +9,10 @@ subprocesses (``python -m crosscoder`` with this interpreter):
 1. ``crosscoder synth PAIR --preset P --seed S --rows N+100000``;
 2. ``crosscoder train --base-data PAIR/base --ft-data PAIR/ft --arch A --dict-size 2*n_features
    (--k K | --l1-coeff L) --num-tokens N --seed S --threads 1 --wandb off --no-progress``, with
-   ``K = ceil(expected active features per token) + 1`` (BatchTopK's k just above the planted L0, as
-   ``crosscoder synth`` suggests) unless ``--k`` is given, and ``L`` only when
-   ``--l1-coeff`` is given (else the train default);
+   ``K = ceil(expected active features per token) + 1`` for architectures that take a k (the BatchTopK
+   family: k just above the planted L0, as ``crosscoder synth`` suggests) unless ``--k`` is given, and
+   ``L`` only when ``--l1-coeff`` is given (else the train default); ``--dedicated-frac`` /
+   ``--shared-frac`` add a latent layout sized from the dictionary;
 3. ``crosscoder analyze RUN --base-data PAIR/base --ft-data PAIR/ft --no-spliced --out REPORT``;
 
 then scores the run with :func:`crosscoder.analysis.recovery.family_scores` (cosines of the concatenated
