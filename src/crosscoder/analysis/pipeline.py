@@ -8,16 +8,15 @@ the figures, and writes ``REPORT_DIR/{latents.parquet, latents.csv, summary.json
 A crosscoder with a latent layout (dedicated partitions, designated shared latents) gets the ``kind``
 column, classes by construction for its constrained latents and a ``layout`` section (see
 :mod:`crosscoder.analysis.table`); ``compare_to`` adds the comparison with another crosscoder trained on
-the same data (:mod:`crosscoder.analysis.compare`).
+the same data (:mod:`crosscoder.analysis.compare`). The settings and their resolution live in
+:mod:`crosscoder.analysis.analyze_config`, the summary's text in :mod:`crosscoder.analysis.summary_text`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,52 +25,8 @@ import torch
 
 from ..errors import CrossCoderError
 from ..model import CrossCoder
-
-SPACE_NOTE = (
-    "decoder norms, relative norms, delta norms and Latent Scaling are computed in the crosscoder's "
-    "normalised training space (the saved folded weights are unfolded with the recorded norm_scale)"
-)
-
-
-@dataclass
-class AnalyzeConfig:
-    """Options of ``crosscoder analyze`` (the CLI flags)."""
-
-    run_dir: str
-    out: str
-    cache: str | None = None
-    base_data: str | None = None
-    ft_data: str | None = None
-    column: str = "activation"
-    base_model: str | None = None
-    ft_model: str | None = None
-    site: str | None = None
-    eval_data: str | None = None
-    eval_sequences: int = 64
-    eval_batch_size: int = 16
-    spliced: bool = True
-    max_tokens: int | None = 500_000
-    chunk: int = 1024
-    top_k: int = 8
-    context_left: int = 10
-    context_right: int = 3
-    max_cards: int = 1000
-    exclusive_band: float | None = None
-    shared_band: float | None = None
-    nu_error_max: float | None = None
-    nu_reconstruction_max: float | None = None
-    min_active: int | None = None
-    latent_scaling: bool = True
-    latent_scaling_target: str = "intercept"  # intercept | bias_free | literal (scaling.MODES)
-    min_cos: float = 0.7
-    ground_truth: str | None = None
-    device: str = "cpu"
-    threads: int = 1
-    seed: int = 0
-    overwrite: bool = False
-    compare_to: str | None = None  # another crosscoder folder (same data): partition x class table
-    compare_threshold: float = 0.9
-
+from .analyze_config import AnalyzeConfig, find_ground_truth, load_run, resolve_cache
+from .summary_text import SPACE_NOTE, _class_note, _json_safe, _layout_note, format_layout
 
 # Rows the architecture's own analysis metrics (Architecture.analysis_metrics) are computed on.
 ARCH_METRIC_ROWS = 65_536
@@ -79,43 +34,6 @@ ARCH_METRIC_ROWS = 65_536
 
 def _say_default(msg: str) -> None:
     print(msg, flush=True)
-
-
-def load_run(run_dir: str | Path) -> tuple[CrossCoder, dict[str, Any]]:
-    """The saved crosscoder and its ``config.json`` (``{}`` for a folder with only the model)."""
-    run_dir = Path(run_dir)
-    model = CrossCoder.from_pretrained(run_dir)
-    cfg = json.loads((run_dir / "config.json").read_text())
-    return model, cfg
-
-
-def resolve_cache(cfg: AnalyzeConfig, run_cfg: dict[str, Any]) -> Any:
-    from .scan import open_pair
-
-    if cfg.cache or cfg.base_data or cfg.ft_data:
-        if (cfg.base_data is None) != (cfg.ft_data is None):
-            raise CrossCoderError("--base-data and --ft-data must be given together")
-        return open_pair(cfg.cache, cfg.base_data, cfg.ft_data, cfg.column), False
-    recorded = (run_cfg.get("source") or {}).get("cache_path")
-    if recorded and Path(recorded).is_dir():
-        return open_pair(recorded), True
-    raise CrossCoderError(
-        "analyze: give --cache, or --base-data and --ft-data (the run records no usable cache)"
-    )
-
-
-def find_ground_truth(cfg: AnalyzeConfig, cache: Any) -> Path | None:
-    """Planted features of a synthetic pair: ``--ground-truth``, else ``CACHE/ground_truth`` (the built-in
-    pair) or ``ground_truth`` beside ``--base-data`` (``crosscoder synth`` output)."""
-    cands = [Path(cfg.ground_truth)] if cfg.ground_truth else [Path(cache.path) / "ground_truth"]
-    if cfg.base_data and not cfg.ground_truth:
-        cands.append(Path(cfg.base_data).parent / "ground_truth")
-    for c in cands:
-        if (c / "ground_truth.json").is_file():
-            return c
-    if cfg.ground_truth:
-        raise CrossCoderError(f"{cfg.ground_truth}: no ground_truth.json")
-    return None
 
 
 def card_latents(cols: dict[str, np.ndarray], max_cards: int) -> list[int]:
@@ -408,57 +326,3 @@ def _usual_permissions(out: Path) -> None:
     out.chmod(0o777 & ~mask)
     for f in out.iterdir():
         f.chmod(0o666 & ~mask)
-
-
-def _class_note(t: Any) -> str:
-    return (
-        f"Classes: relative norm r < {t.exclusive_band} -> base_only, "
-        f"r > {1 - t.exclusive_band:.2f} -> ft_only, |r - 0.5| <= {t.shared_band} -> shared, else other. "
-        f"Norm-exclusive latents keep the call only if they fired on >= {t.min_active} scanned tokens "
-        f"and Latent Scaling gives |nu_error| <= {t.nu_error_max} and "
-        f"|nu_reconstruction| <= {t.nu_reconstruction_max} (nu = other model's beta / own model's beta)."
-    )
-
-
-def _layout_note(n_free: int, h: int) -> str:
-    return (
-        f"Latent layout: the class counts above cover the {n_free} free latents of {h}. Designated shared "
-        "latents (decoder tied across models) are class shared by construction, dedicated latents class "
-        "base_only / ft_only by construction (column kind); Latent Scaling still checks the dedicated "
-        "partitions with the same thresholds (columns layout_check, layout_nu_error, "
-        "layout_nu_reconstruction: nu along the latent's own model's decoder)."
-    )
-
-
-def format_layout(lay: dict[str, Any]) -> str:
-    """Lines for the terminal: partition sizes and checks
-    (:func:`~crosscoder.analysis.table.layout_summary`)."""
-    p = lay["partitions"]
-    lines = [
-        f"latent layout: base_only {p['base_only']['n']}, ft_only {p['ft_only']['n']}, designated_shared "
-        f"{p['designated_shared']['n']} (sparsity factor {lay['shared_sparsity_coeff']:g}), "
-        f"free {p['free']['n']}"
-    ]
-    for k in ("base_only", "ft_only"):
-        r = p[k]
-        if r["n"] and "ok" in r:
-            lines.append(
-                f"  {k}: partition holds for {r['ok']} of {r['n']} by Latent Scaling (median |nu_error| "
-                f"{r['nu_error_median_abs']:.3g}, "
-                f"|nu_reconstruction| {r['nu_reconstruction_median_abs']:.3g}; "
-                f"dead {r['dead']}, too rare {r['too_rare']})"
-            )
-    v = lay.get("violations")
-    if v:
-        lines.append(
-            f"  saved weights: forbidden blocks max |w| enc {v['forbidden_enc']:.3g} "
-            f"dec {v['forbidden_dec']:.3g}; "
-            f"tied decoders max difference {v['tied_dec']:.3g} (normalised space)"
-        )
-    return "\n".join(lines)
-
-
-def _json_safe(v: Any) -> Any:
-    from .report import _clean
-
-    return _clean(v)

@@ -109,7 +109,7 @@ def spliced_eval(
     batch_size: int = 16,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Spliced-in CE/KL for both models (``base``, ``ft``: :class:`crosscoder.data.collect.SiteModel`).
+    """Spliced-in CE/KL for both models (``base``, ``ft``: :class:`crosscoder.data.site_model.SiteModel`).
 
     ``crosscoder`` is the saved (folded) model; it runs in eval mode. Returns
     ``{"base": {...}, "ft": {...}, "ft_swap": {...}, "n_predictions": int, "n_sequences": int}``.

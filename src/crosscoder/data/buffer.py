@@ -1,7 +1,7 @@
 """On-the-fly training data: the plan's refreshing Buffer of paired activations.
 
 :class:`Buffer` holds ``buffer_tokens`` paired activations ``[N, n_models, d_model]`` (normalised, on the
-training device) collected by a :class:`~crosscoder.data.collect.PairCollector` (the same alignment,
+training device) collected by a :class:`~crosscoder.data.pair_collector.PairCollector` (the same alignment,
 masking and outlier rules as ``crosscoder collect``). It serves batches in a random order; when half of
 the buffer has been served, the served rows are replaced by rows from NEW sequences of the text stream
 and the whole buffer is reshuffled. Every row is served exactly once.

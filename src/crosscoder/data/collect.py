@@ -11,16 +11,16 @@ Alignment rules (the same for ``crosscoder collect`` and the on-the-fly buffer):
   exceeds ``max_norm_ratio`` times that model's running median norm (last 8192 kept rows);
 * the forward stops after the site (``tracer.stop()``), under ``torch.no_grad()``.
 
-``import nnsight`` happens only in :func:`wrap_nnsight` (it costs ~2.4 s).
+The models are loaded by :mod:`crosscoder.data.site_model` (``import nnsight`` happens only in
+:func:`~crosscoder.data.site_model.wrap_nnsight`: it costs ~2.4 s), the rows aligned by
+:mod:`crosscoder.data.pair_collector`; :func:`collect` runs a collection into a paired cache.
 """
 
 from __future__ import annotations
 
-import copy
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,267 +29,20 @@ import torch
 
 from ..errors import DataError
 from .collect_config import BYTES, CollectConfig, _check_resume, _gb, disk_estimate, prepare_out  # noqa: F401
+from .pair_collector import NormFilter, PairCollector, build_collector, sequence_slice  # noqa: F401
+from .site_model import (  # noqa: F401 - re-exported: this module's API before the split
+    TORCH_DTYPES,
+    SiteModel,
+    check_site,
+    from_pretrained,
+    load_hf_model,
+    load_site_model,
+    load_tokenizer,
+    quiet_transformers,
+    resolve_device,
+    wrap_nnsight,
+)
 from .text import TokenSequence, make_batch  # noqa: F401 - make_batch is part of this API
-
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def quiet_transformers() -> None:
-    """Silence transformers' per-load progress bars and info lines."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-
-
-def from_pretrained(loader: Any, spec: str, what: str, **kwargs: Any) -> Any:
-    """``loader.from_pretrained(spec, **kwargs)`` (hub id or local folder) with one-line errors."""
-    if spec.startswith(("/", "./", "../", "~")) and not Path(spec).expanduser().exists():
-        raise DataError(f"{spec}: no such folder")
-    quiet_transformers()
-    try:
-        return loader.from_pretrained(spec, **kwargs)
-    except Exception as e:  # noqa: BLE001 - any loading failure becomes one line naming the model
-        msg = str(e).splitlines()[0] if str(e) else ""
-        raise DataError(f"{spec}: cannot load {what} ({type(e).__name__}: {msg})") from None
-
-
-def load_tokenizer(spec: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
-    """``AutoTokenizer.from_pretrained``."""
-    from transformers import AutoTokenizer
-
-    return from_pretrained(
-        AutoTokenizer, spec, "tokenizer", revision=revision, trust_remote_code=trust_remote_code
-    )
-
-
-def load_hf_model(
-    spec: str,
-    revision: str | None = None,
-    dtype: str = "float32",
-    device: str | torch.device = "cpu",
-    trust_remote_code: bool = False,
-) -> Any:
-    """``AutoModelForCausalLM.from_pretrained`` in ``dtype``, eval mode, on ``device``."""
-    from transformers import AutoModelForCausalLM
-
-    device = torch.device(device)
-    extra = {"device_map": str(device)} if device.type == "cuda" else {}  # load straight onto the GPU
-    model = from_pretrained(
-        AutoModelForCausalLM,
-        spec,
-        "model",
-        revision=revision,
-        dtype=TORCH_DTYPES[dtype],
-        trust_remote_code=trust_remote_code,
-        **extra,
-    )
-    return model.to(device).eval()
-
-
-def wrap_nnsight(model: Any, tokenizer: Any) -> Any:
-    """Wrap a loaded transformers model for tracing (nnsight 0.8's ``TransformersModel``, the class its
-    deprecated ``LanguageModel`` alias pins to ``text-generation``). nnsight edits the tokenizer it is
-    given (left padding, a pad token), so it gets a copy."""
-    from nnsight.modeling.transformers import TransformersModel
-
-    return TransformersModel(model, tokenizer=copy.deepcopy(tokenizer), task="text-generation")
-
-
-def check_site(model: Any, site: str, name: str) -> None:
-    """Raise DataError if ``site`` is not a module path of ``model``."""
-    try:
-        model.get_submodule(site)
-    except AttributeError:
-        lists = [n for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)]
-        hint = f" (blocks live under {', '.join(lists)}.N)" if lists else ""
-        raise DataError(
-            f"--site {site}: no such module in {name}{hint}; `crosscoder sites {name}` lists them"
-        ) from None
-
-
-@dataclass
-class SiteModel:
-    """One model ready to read ``site``: the transformers module and its nnsight wrapper."""
-
-    name: str
-    hf: Any
-    nn: Any
-    site: str
-    revision: str | None = None
-
-    @torch.no_grad()
-    def read(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Left-padded ``batch`` (input_ids, attention_mask, position_ids ``[B, T]``) -> site output
-        ``[B, T, d_model]``; the layers after the site do not run."""
-        with self.nn.trace(batch) as tracer:
-            out = self.nn.get(self.site).output.save()
-            tracer.stop()
-        if isinstance(out, (tuple, list)):  # attention modules still return tuples
-            out = out[0]
-        ids = batch["input_ids"]
-        if not isinstance(out, torch.Tensor) or out.dim() != 3 or tuple(out.shape[:2]) != tuple(ids.shape):
-            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise DataError(
-                f"--site {self.site}: output of {self.name} is {shape}, expected [batch, seq, d_model]"
-            )
-        return out
-
-
-def load_site_model(
-    spec: str,
-    site: str,
-    *,
-    tokenizer: Any,
-    revision: str | None = None,
-    dtype: str = "float32",
-    device: str | torch.device = "cpu",
-    trust_remote_code: bool = False,
-) -> SiteModel:
-    hf = load_hf_model(spec, revision, dtype, device, trust_remote_code)
-    check_site(hf, site, spec)
-    rev = revision or getattr(hf.config, "_commit_hash", None)
-    return SiteModel(name=spec, hf=hf, nn=wrap_nnsight(hf, tokenizer), site=site, revision=rev)
-
-
-class NormFilter:
-    """Drop positions whose norm exceeds ``ratio`` x the running median (per model, last ``window`` rows)."""
-
-    def __init__(self, ratio: float, n_models: int, window: int = 8192) -> None:
-        if ratio <= 1.0:
-            raise DataError(f"max_norm_ratio: must be > 1, got {ratio}")
-        self.ratio, self.window = ratio, window
-        self.hist = np.zeros((0, n_models), np.float64)
-
-    def seed(self, norms: np.ndarray) -> None:
-        """Start from known norms ``[n, n_models]`` (a resumed collection's last rows)."""
-        self.hist = np.asarray(norms, np.float64)[-self.window :]
-
-    def __call__(self, norms: torch.Tensor) -> torch.Tensor:
-        """``norms [n, n_models]`` -> keep mask ``[n]`` (bool)."""
-        x = norms.detach().double().cpu().numpy()
-        med = np.median(self.hist if len(self.hist) else x, axis=0)
-        keep = (x <= self.ratio * med).all(1)
-        self.hist = np.concatenate([self.hist, x[keep]])[-self.window :]
-        return torch.from_numpy(keep).to(norms.device)
-
-
-@dataclass
-class PairCollector:
-    """Sequences -> aligned rows ``[n, n_models, d_model]`` from every model at its site."""
-
-    models: list[SiteModel]
-    bos_id: int | None
-    pad_id: int
-    device: torch.device
-    max_norm_ratio: float | None = None
-    dropped: dict[str, int] = field(default_factory=lambda: {"bos": 0, "pad": 0, "norm_outlier": 0})
-    kept: int = 0
-
-    def __post_init__(self) -> None:
-        self.filter = NormFilter(self.max_norm_ratio, len(self.models)) if self.max_norm_ratio else None
-        self._d_model: int | None = None
-
-    @property
-    def d_model(self) -> int:
-        """Width of the site output (one 2-token probe forward, agreed by all models)."""
-        if self._d_model is None:
-            tok = self.bos_id if self.bos_id is not None else self.pad_id
-            batch = make_batch([TokenSequence(0, [tok, tok])], self.pad_id, self.device)
-            widths = [m.read(batch).shape[-1] for m in self.models]
-            if len(set(widths)) != 1:
-                raise DataError(
-                    "site widths differ between models: "
-                    f"{dict(zip([m.name for m in self.models], widths, strict=False))}"
-                )
-            self._d_model = widths[0]
-        return self._d_model
-
-    def rows(self, seqs: list[TokenSequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward per model -> (``acts [n, n_models, d_model]`` float32 on ``device``,
-        ``index [n, 3]`` int64: token id, sequence id, position), rows in (sequence, position) order."""
-        batch = make_batch(seqs, self.pad_id, self.device)
-        ids, mask = batch["input_ids"], batch["attention_mask"].bool()
-        keep = mask.clone()
-        if self.bos_id is not None:
-            is_bos = ids == self.bos_id
-            keep &= ~is_bos
-            self.dropped["bos"] += int((is_bos & mask).sum())
-        self.dropped["pad"] += int((~mask).sum())
-        acts = torch.stack([m.read(batch)[keep] for m in self.models], dim=1).float()  # [n, M, d]
-        seq_ids = torch.tensor([s.seq_id for s in seqs], dtype=torch.long, device=ids.device)
-        index = torch.stack(
-            [ids[keep], seq_ids[:, None].expand_as(ids)[keep], batch["position_ids"][keep]], dim=1
-        )
-        if self.filter is not None and len(acts):
-            ok = self.filter(acts.norm(dim=-1))
-            self.dropped["norm_outlier"] += int((~ok).sum())
-            acts, index = acts[ok], index[ok]
-        self.kept += len(acts)
-        return acts, index
-
-    def iter_rows(
-        self, seqs: Iterable[TokenSequence], batch_size: int
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches of ``batch_size`` sequences -> ``(acts, index)`` per batch (see :meth:`rows`)."""
-        chunk: list[TokenSequence] = []
-        for s in seqs:
-            chunk.append(s)
-            if len(chunk) == batch_size:
-                yield self.rows(chunk)
-                chunk = []
-        if chunk:
-            yield self.rows(chunk)
-
-
-def sequence_slice(
-    seqs: Iterable[TokenSequence], start: int = 0, stop: int | None = None, rank: int = 0, world_size: int = 1
-) -> Iterator[TokenSequence]:
-    """Sequences with ``start <= seq_id < stop`` and ``seq_id % world_size == rank`` (one worker's share)."""
-    for s in seqs:
-        if stop is not None and s.seq_id >= stop:
-            return
-        if s.seq_id >= start and s.seq_id % world_size == rank:
-            yield s
-
-
-def build_collector(
-    base_model: str,
-    ft_model: str,
-    site: str,
-    *,
-    tokenizer: Any,
-    model_dtype: str = "float32",
-    device: torch.device,
-    trust_remote_code: bool = False,
-    revisions: tuple[str | None, str | None] = (None, None),
-    max_norm_ratio: float | None = None,
-) -> PairCollector:
-    """Load both models (through nnsight) and return the collector for ``site``."""
-    models = [
-        load_site_model(
-            spec,
-            site,
-            tokenizer=tokenizer,
-            revision=rev,
-            dtype=model_dtype,
-            device=device,
-            trust_remote_code=trust_remote_code,
-        )
-        for spec, rev in zip((base_model, ft_model), revisions, strict=True)
-    ]
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    return PairCollector(
-        models=models, bos_id=tokenizer.bos_token_id, pad_id=pad, device=device, max_norm_ratio=max_norm_ratio
-    )
 
 
 def collect(
