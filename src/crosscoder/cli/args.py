@@ -32,7 +32,9 @@ def add_dataclass_arguments(
         flags = ["--" + f.name.replace("_", "-"), *meta.get("aliases", ())]
         tp = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_ = f"{meta.get('help', '')} (default: {default})"
+        help_ = meta.get("help", "")
+        if default is not None or "default" not in help_:  # a None default explains itself in the help
+            help_ = f"{help_} (default: {default})"
         if tp is bool:
             group.add_argument(
                 *flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_
