@@ -53,6 +53,10 @@ AGG_KEYS = (
     "precision_ft_only",
     "called_base_only",
     "called_ft_only",
+    "recall_base_only_checked",
+    "recall_ft_only_checked",
+    "precision_base_only_checked",
+    "precision_ft_only_checked",
     "explained_variance",
     "l0",
     "dead_fraction",
@@ -155,17 +159,37 @@ def call(args: list[str], timeout: float | None) -> dict[str, Any]:
     return out
 
 
-def latent_classes(report: Path) -> list[str]:
-    """The analysis' ``class`` per latent, in latent order (``latents.parquet``, else ``latents.csv``)."""
+def latent_columns(report: Path, names: list[str]) -> dict[str, list[Any]]:
+    """Columns ``names`` of the analysis' latent table, in latent order (``latents.parquet``, else
+    ``latents.csv``); a column the table lacks is left out."""
     if (report / "latents.parquet").is_file():
         import pyarrow.parquet as pq
 
-        t = pq.read_table(str(report / "latents.parquet"), columns=["latent", "class"]).to_pydict()
+        table = pq.read_table(str(report / "latents.parquet"))
     else:
         import pyarrow.csv as pacsv
 
-        t = pacsv.read_csv(str(report / "latents.csv")).select(["latent", "class"]).to_pydict()
-    return [c for _, c in sorted(zip(t["latent"], t["class"], strict=True))]
+        table = pacsv.read_csv(str(report / "latents.csv"))
+    t = table.select([n for n in ["latent", *names] if n in table.column_names]).to_pydict()
+    order = sorted(range(len(t["latent"])), key=t["latent"].__getitem__)
+    return {n: [t[n][i] for i in order] for n in names if n in t}
+
+
+def latent_classes(report: Path) -> list[str]:
+    """The analysis' ``class`` per latent, in latent order."""
+    return latent_columns(report, ["class"])["class"]
+
+
+def checked_classes(report: Path) -> list[str] | None:
+    """The ``class`` column with the dedicated latents that fail analyze's ``layout_check`` (dead, complete
+    shrinkage, latent decoupling, too rare) turned into ``other``; ``None`` without a latent layout."""
+    cols = latent_columns(report, ["class", "kind", "layout_check"])
+    if "kind" not in cols or all(k == "free" for k in cols["kind"]):
+        return None
+    return [
+        "other" if kind in ("base_only", "ft_only") and check != "ok" else c
+        for c, kind, check in zip(cols["class"], cols["kind"], cols["layout_check"], strict=True)
+    ]
 
 
 def score(run: Path, report: Path, gt_dir: Path) -> dict[str, Any]:
@@ -179,7 +203,17 @@ def score(run: Path, report: Path, gt_dir: Path) -> dict[str, Any]:
     gt = GroundTruth.load(gt_dir)
     model = CrossCoder.from_pretrained(run)
     cls = latent_classes(report)
-    res = family_scores(planted_cosines(model, gt), gt.classes, cls)
+    cos = planted_cosines(model, gt)
+    res = family_scores(cos, gt.classes, cls)
+    checked = checked_classes(report)
+    if checked is not None:  # dedicated partitions: the calls that survive analyze's layout check
+        res.update(
+            {
+                f"{k}_checked": v
+                for k, v in family_scores(cos, gt.classes, checked).items()
+                if k.split("_")[0] in ("recall", "precision", "called")
+            }
+        )
     m = json.loads((run / "config.json").read_text()).get("metrics", {})
     res["explained_variance"] = m.get("val/explained_variance", m.get("explained_variance"))
     res["l0"] = m.get("val/l0_loss", m.get("l0_loss"))
