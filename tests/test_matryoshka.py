@@ -501,3 +501,24 @@ def test_analyze_reports_explained_variance_per_prefix(tmp_path) -> None:
     # the full prefix is the model's reconstruction: the scan's pooled explained variance on the same data
     assert ev["ev_prefix_128"] == pytest.approx(summary["reconstruction"]["explained_variance"], abs=0.01)
     assert "ev_prefix_16" in (tmp_path / "rep" / "report.html").read_text()
+
+
+def test_validation_pools_the_prefix_explained_variance(tmp_path) -> None:
+    """``val/ev_prefix_<p>`` is pooled over the whole held-out set like ``val/explained_variance`` (not a
+    mean of per-batch values), so the full prefix equals it; 257 rows in batches of 256 would differ."""
+    cfg = RunConfig(
+        model=CrossCoderConfig(arch="matryoshka", d_latent=128, k=4, prefixes="16,64"),
+        train=TrainConfig(
+            num_tokens=256 * 40,
+            batch_size=256,
+            val_tokens=257,
+            val_every=10**6,
+            log_every=20,
+            save_every=0,
+            wandb="off",
+            progress=False,
+        ),
+    )
+    m = run_training(cfg, tmp_path / "run")
+    assert m["val/ev_prefix_128"] == pytest.approx(m["val/explained_variance"], abs=1e-5)
+    assert m["val/ev_prefix_16"] < m["val/ev_prefix_64"] < m["val/ev_prefix_128"]

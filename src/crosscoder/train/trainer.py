@@ -263,6 +263,12 @@ class _Loop:
         }
         ev = explained_variance_from_moments(pooled, m)
         out_metrics.update({f"val/{k}": float(v) for k, v in ev.items()})
+        # The architecture's own numbers (Matryoshka's per-prefix explained variance) pooled over the held-out
+        # set; under torchrun they stay row-weighted means over the ranks' shares.
+        if not self.dist.enabled:
+            with self._autocast():
+                pooled_arch = self.model.arch.analysis_metrics(self.source.val_batches())
+            out_metrics.update({f"val/{k}": v for k, v in pooled_arch.items()})
         return out_metrics
 
     def _validate_calibrated(self, l1: float, final: bool) -> dict[str, float]:
