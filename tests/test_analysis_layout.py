@@ -24,7 +24,9 @@ from crosscoder.train import run_training
 
 torch.set_num_threads(1)
 
-LAYOUT = dict(dedicated_base=32, dedicated_ft=32, shared_latents=32)
+LAYOUT = dict(
+    dedicated_base=32, dedicated_ft=32, shared_latents=32, shared_sparsity_coeff=0.1
+)  # as in docs/layout.md
 # The columns of the latent table before the layout existed: still there, same names, same order.
 OLD_COLUMNS = [
     "latent",

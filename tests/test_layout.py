@@ -370,7 +370,7 @@ def test_cli_plain_flags_train(tmp_path):
         cfg["dedicated_ft"],
         cfg["shared_latents"],
         cfg["shared_sparsity_coeff"],
-    ) == (16, 16, 32, 0.1)
+    ) == (16, 16, 32, 0.5)  # vanilla's default factor
     model = CrossCoder.from_pretrained(out)
     assert model.layout.violations(model.W_enc, model.W_dec, model.norm_scale) == {
         "forbidden_enc": 0.0,

@@ -52,7 +52,7 @@ class _ModelFields:
         None,
         "sparsity factor of the designated shared latents relative to "
         "the others: penalties multiplied, selection scores divided by it "
-        "(default: 0.1 for vanilla/jumprelu, 1.0 for batchtopk/matryoshka)",
+        "(default: 0.5 vanilla, 0.1 jumprelu, 1.0 batchtopk/matryoshka)",
     )
     dedicated_base: int = _f(0, "dedicated partition: the first N latents read and write the base model only")
     dedicated_ft: int = _f(

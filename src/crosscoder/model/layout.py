@@ -35,7 +35,7 @@ class LatentLayout:
     @classmethod
     def of(cls, cfg: object) -> LatentLayout:
         factor = cfg.shared_sparsity_coeff
-        if factor is None:  # the architecture's default (penalties 0.1, Anthropic; selections 1.0)
+        if factor is None:  # the architecture's default (Architecture.default_shared_factor)
             from .registry import get_architecture
 
             factor = get_architecture(cfg.arch).default_shared_factor
