@@ -164,4 +164,4 @@ class JumpReLU(Architecture):
             self.log_threshold.copy_(log_t)
 
     def log_metrics(self) -> dict[str, float]:
-        return {"threshold_median": float(self.theta().median())}
+        return {"threshold_median": float(self.theta().detach().median())}
