@@ -509,14 +509,10 @@ def test_dictionary_learning_unsupported(tmp_path: Path, capsys: pytest.CaptureF
         assert_one_line_error(rc, err, *needles)
         assert not (tmp_path / "never").exists()
 
-    check(dl_state_dict(3, code="NONE"), "code_normalization", "NONE")
     check(dl_state_dict(3, batchtopk=True, code="MIXED"), "code_normalization", "MIXED")
-    sd = dl_state_dict(3, batchtopk=True)
-    sd["threshold"] = torch.tensor(-1.0)
-    check(sd, "'threshold'")
     sd = dl_state_dict(3, batchtopk=True, code="DECOUPLED")
     sd["threshold"] = torch.tensor([0.1, 0.2])
-    check(sd, "code_normalization", "DECOUPLED")
+    check(sd, "'threshold'", "DECOUPLED")
     sd = dl_state_dict(3)
     sd["decoder.layers.0.weight"] = torch.zeros(H, D)
     check(sd, "'decoder.layers.0.weight'")
@@ -588,3 +584,175 @@ def test_pickled_objects_are_refused(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert not marker.exists()
     with pytest.raises(CrossCoderError, match="refused"):
         convert(source, path, tmp_path / "out2")
+
+
+# --------------------------------------------------------------------------------------- converter gaps
+def convert_dl(capsys: pytest.CaptureFixture, path: Path, out: Path, *extra: object) -> tuple[int, str, str]:
+    return run_cli(capsys, "convert", "--from", "dictionary_learning", path, out, *extra)
+
+
+def test_batchtopk_without_code_normalization_id(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """An older-layout BatchTopK file trained with SAE weighting and no id: refused alone (it would be read
+    as CROSSCODER), exact once the weighting is given by flag or by the training folder's config."""
+    sd = dl_state_dict(11, batchtopk=True, code="SAE")
+    del sd["code_normalization_id"]
+    pt = tmp_path / "ae.pt"
+    torch.save(sd, pt)
+    rc, _, err = convert_dl(capsys, pt, tmp_path / "never")
+    assert_one_line_error(rc, err, "code_normalization_id", "--code-normalization")
+    assert not (tmp_path / "never").exists()
+    # CROSSCODER weighting really gives other latents on this file: guessing would be silently wrong
+    x = rand_x(7)
+    assert not torch.allclose(dl_encode(sd, x, "SAE")[1], dl_encode(sd, x, "CROSSCODER")[1])
+
+    rc, _, err = convert_dl(capsys, pt, tmp_path / "o1", "--code-normalization", "sae")
+    assert rc == 0, err
+    model = CrossCoder.from_pretrained(tmp_path / "o1")
+    assert model.cfg.arch == "batchtopk" and model.cfg.l1_weighting == "concat"
+    check_against_dl(model, sd, "SAE")
+
+    # a training folder: ae.pt + the trainer's config.json (its trainer section names the weighting)
+    run = tmp_path / "trainer_0"
+    run.mkdir()
+    torch.save(sd, run / "ae.pt")
+    (run / "config.json").write_text(json.dumps({"trainer": {"code_normalization": "SAE", "k": K}}))
+    check_against_dl(load_foreign("dictionary_learning", run).model, sd, "SAE")
+    # the same config through --cfg for the lone file
+    check_against_dl(load_foreign("dictionary_learning", pt, cfg_path=run / "config.json").model, sd, "SAE")
+    # a flag contradicting the file's own id is refused
+    sd2 = dl_state_dict(11, batchtopk=True, code="SAE")
+    torch.save(sd2, tmp_path / "with_id.pt")
+    rc, _, err = convert_dl(
+        capsys, tmp_path / "with_id.pt", tmp_path / "o2", "--code-normalization", "crosscoder"
+    )
+    assert_one_line_error(rc, err, "--code-normalization", "SAE")
+    rc, _, err = run_cli(
+        capsys, "convert", "--from", "kissane", pt, tmp_path / "o3", "--code-normalization", "sae"
+    )
+    assert rc == 2 and "error:" in err
+
+
+@pytest.mark.parametrize("code", ["NONE", "MIXED", "DECOUPLED"])
+def test_relu_crosscoder_any_code_normalization(
+    tmp_path: Path, capsys: pytest.CaptureFixture, code: str
+) -> None:
+    """Code normalisation does not enter a ReLU crosscoder's encode/decode: converted exactly as vanilla."""
+    sd = dl_state_dict(12, code=code, normalizer=code == "MIXED")
+    torch.save(sd, tmp_path / "model_final.pt")
+    rc, _, err = convert_dl(capsys, tmp_path / "model_final.pt", tmp_path / "o")
+    assert rc == 0, err
+    assert code in err  # a note says the normalisation only affected their training loss
+    model = CrossCoder.from_pretrained(tmp_path / "o")
+    assert model.cfg.arch == "vanilla"
+    check_against_dl(model, sd, code)
+
+
+@pytest.mark.parametrize("with_id", [True, False])
+def test_batchtopk_threshold_never_set(tmp_path: Path, capsys: pytest.CaptureFixture, with_id: bool) -> None:
+    """threshold = -1: their inference keeps f where f * code > -1, i.e. every positive latent (relu);
+    converted as vanilla, which is exact even for latents with a zero decoder norm."""
+    sd = dl_state_dict(13, batchtopk=True, code="SAE")
+    sd["threshold"] = torch.tensor(-1.0)
+    sd["decoder.weight"][:, 0] = 0.0  # a dead decoder row: batchtopk with threshold 0 would drop latent 0
+    if not with_id:
+        del sd["code_normalization_id"]  # weighting unknown, but irrelevant here
+    torch.save(sd, tmp_path / "m.pt")
+    rc, _, err = convert_dl(capsys, tmp_path / "m.pt", tmp_path / "o")
+    assert rc == 0, err
+    assert "never set" in err
+    model = CrossCoder.from_pretrained(tmp_path / "o")
+    assert model.cfg.arch == "vanilla"
+    x = rand_x(7)
+    ref_pre, ref_f, _ = dl_encode(sd, x, "SAE")
+    close(ref_f, ref_pre)  # their rule keeps every positive latent
+    assert bool((ref_f[:, 0] > 0).any())
+    check_against_dl(model, sd, "SAE")
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["converted_from"]["class"] == (
+        "BatchTopKCrossCoder"
+    )
+
+
+def test_load_error_messages(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # a damaged file (truncated zip) and a file that is not a pickle at all
+    torch.save(dl_state_dict(14), tmp_path / "full.pt")
+    data = (tmp_path / "full.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.pt").write_bytes(b"this is not a checkpoint\n" * 20)
+    for name in ("cut.pt", "text.pt"):
+        rc, _, err = convert_dl(capsys, tmp_path / name, tmp_path / "o")
+        assert_one_line_error(rc, err, "damaged or not a PyTorch state dict")
+        assert "unpickl" not in err.lower() and "refused" not in err
+    # a tensor, not a dict
+    torch.save(torch.zeros(3), tmp_path / "t.pt")
+    rc, _, err = convert_dl(capsys, tmp_path / "t.pt", tmp_path / "o")
+    assert_one_line_error(rc, err, "not a state dict", "torch.save(model.state_dict(), path)")
+    # pickled objects: plain text, the re-save advice, no colour codes, no "you can still load it"
+    sd = dl_state_dict(14)
+    sd["extra"] = Payload(tmp_path / "pwned")
+    torch.save(sd, tmp_path / "obj.pt")
+    rc, _, err = convert_dl(capsys, tmp_path / "obj.pt", tmp_path / "o")
+    assert_one_line_error(rc, err, "refused to load", "torch.save(model.state_dict(), path)")
+    assert "\x1b" not in err and "weights_only" not in err and "can still be loaded" not in err
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_wrong_source_is_recognised(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pt = write_kissane(tmp_path / "version_0", kissane_weights())
+    rc, _, err = convert_dl(capsys, pt, tmp_path / "o")
+    assert_one_line_error(rc, err, "Kissane", "--from kissane")
+    torch.save(dl_state_dict(15), tmp_path / "dl.pt")
+    (tmp_path / "dl_cfg.json").write_text(json.dumps({"d_in": D, "dict_size": H}))
+    rc, _, err = run_cli(capsys, "convert", "--from", "kissane", tmp_path / "dl.pt", tmp_path / "o")
+    assert_one_line_error(rc, err, "--from dictionary_learning")
+
+
+def test_training_folder_uses_final_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    early, final = dl_state_dict(16), dl_state_dict(17)
+    torch.save(early, run / "checkpoint_1000.pt")
+    torch.save(early, run / "checkpoint_2000.pt")
+    torch.save(final, run / "model_final.pt")
+    rc, _, err = convert_dl(capsys, run, tmp_path / "o")
+    assert rc == 0, err
+    assert "model_final.pt" in err and "3 .pt files" in err
+    check_against_dl(CrossCoder.from_pretrained(tmp_path / "o"), final)
+    # only step checkpoints: the highest step
+    (run / "model_final.pt").unlink()
+    torch.save(final, run / "checkpoint_3000.pt")
+    conv = load_foreign("dictionary_learning", run)
+    assert any("checkpoint_3000.pt" in n for n in conv.notes)
+    check_against_dl(conv.model, final)
+
+
+@pytest.mark.parametrize("out_last", [False, True])
+def test_norm_scale_and_out_in_either_order(
+    tmp_path: Path, capsys: pytest.CaptureFixture, out_last: bool
+) -> None:
+    sd = kissane_weights(2)
+    pt = write_kissane(tmp_path / "ck", sd)
+    out = tmp_path / "converted"
+    scale = ["--norm-scale", "2.0", "0.25"]
+    argv = (
+        ["convert", "--from", "kissane", pt, *scale, out]
+        if out_last
+        else ["convert", "--from", "kissane", pt, out, *scale]
+    )
+    rc, stdout, err = run_cli(capsys, *argv)
+    assert rc == 0, err
+    assert "usage" not in err and "converted kissane" in stdout
+    model = CrossCoder.from_pretrained(out)
+    assert model.norm_scale.tolist() == [2.0, 0.25]
+    s = torch.tensor([2.0, 0.25])[None, :, None]
+    raw = rand_x(3, scale=4.0)
+    ref_hat, ref_f = kissane_forward(sd, raw * s)
+    x_hat, f = model(raw)
+    close(f, ref_f)
+    close(x_hat, ref_hat / s)
+    # a bad factor is still a one-line error, and a missing OUT is named
+    rc, _, err = run_cli(
+        capsys, "convert", "--from", "kissane", pt, tmp_path / "o2", "--norm-scale", "2", "x"
+    )
+    assert_one_line_error(rc, err, "--norm-scale", "'x'")
+    rc, _, err = run_cli(capsys, "convert", "--from", "kissane", pt, "--norm-scale", "2", "2")
+    assert_one_line_error(rc, err, "OUT")

@@ -7,6 +7,7 @@ which only rebuilds tensors and plain containers and refuses anything else.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,13 +65,36 @@ def safe_torch_load(path: str | os.PathLike) -> dict[str, Any]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError (corrupt zip), ...
-        raise CrossCoderError(
-            f"{path}: refused to load (only tensor state dicts are read, "
-            f"never pickled objects): {first_line(e)}"
-        ) from None
+        raise CrossCoderError(_load_error(path, e)) from None
     if not isinstance(obj, dict):
-        raise CrossCoderError(f"{path}: expected a state dict (a dict of tensors), got {type(obj).__name__}")
+        raise CrossCoderError(
+            f"{path}: not a state dict (got a {type(obj).__name__}, expected a dict of tensors); "
+            "re-save it with torch.save(model.state_dict(), path)"
+        )
     return dict(obj)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_GLOBAL = re.compile(r"Unsupported (?:global|class):?\s*(?:GLOBAL\s+)?([\w.]+)")
+
+
+def _load_error(path: Path, e: BaseException) -> str:
+    """One plain line for a failed ``torch.load(weights_only=True)``: a refused pickle, or a damaged file.
+
+    PyTorch's own message spans many lines, carries ANSI colour codes and suggests loading with
+    ``weights_only=False``, which we never do; none of it is shown.
+    """
+    text = _ANSI.sub("", str(e))
+    m = _GLOBAL.search(text)
+    if m:  # a well-formed pickle naming a class or callable that weights_only refuses to rebuild
+        what = f" (found {m.group(1)})"
+        return (
+            f"{path}: refused to load: the file holds pickled Python objects, not only tensors{what}; "
+            "only tensor state dicts are read. Re-save it with torch.save(model.state_dict(), path)"
+        )
+    return (
+        f"{path}: the file is damaged or not a PyTorch state dict saved with torch.save ({type(e).__name__})"
+    )
 
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

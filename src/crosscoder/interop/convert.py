@@ -36,15 +36,24 @@ def load_foreign(
     norm_scale: list[float] | None = None,
     model_names: list[str] | None = None,
     site: str | None = None,
+    code_normalization: str | None = None,
 ) -> Conversion:
     """Read a crosscoder of format ``source`` (a key of :data:`SOURCES`) into our model, in eval mode.
 
     The returned model takes ``x [batch, n_models, d_model]`` and gives the source's latents
-    ``[batch, d_latent]`` and reconstructions ``[batch, n_models, d_model]``.
+    ``[batch, d_latent]`` and reconstructions ``[batch, n_models, d_model]``. ``code_normalization``
+    (dictionary_learning only) states the weighting of files that do not record it.
     """
     if source not in SOURCES:
         raise CrossCoderError(f"--from: unknown source {source!r} (choices: {', '.join(SOURCES)})")
-    return SOURCES[source](path, cfg_path=cfg_path, norm_scale=norm_scale, model_names=model_names, site=site)
+    extra = {}
+    if code_normalization is not None:
+        if source != "dictionary_learning":
+            raise CrossCoderError("--code-normalization: only for --from dictionary_learning")
+        extra["code_normalization"] = code_normalization
+    return SOURCES[source](
+        path, cfg_path=cfg_path, norm_scale=norm_scale, model_names=model_names, site=site, **extra
+    )
 
 
 def convert(
@@ -57,6 +66,7 @@ def convert(
     model_names: list[str] | None = None,
     site: str | None = None,
     overwrite: bool = False,
+    code_normalization: str | None = None,
 ) -> tuple[Path, Conversion]:
     """Convert ``path`` (format ``source``) and write the crosscoder folder ``out`` atomically.
 
@@ -67,6 +77,12 @@ def convert(
     if out.exists() and not overwrite:
         raise CrossCoderError(f"{out}: already exists (pass --overwrite to replace it)")
     conv = load_foreign(
-        source, path, cfg_path=cfg_path, norm_scale=norm_scale, model_names=model_names, site=site
+        source,
+        path,
+        cfg_path=cfg_path,
+        norm_scale=norm_scale,
+        model_names=model_names,
+        site=site,
+        code_normalization=code_normalization,
     )
     return save_conversion(conv, out, overwrite=overwrite), conv

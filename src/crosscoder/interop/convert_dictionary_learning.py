@@ -7,7 +7,7 @@ holding the constructor arguments, e.g. ``activation_dim``, ``dict_size``, ``num
 
     encoder.weight [L, d, h]    encoder.bias [h]
     decoder.weight [L, h, d]    decoder.bias [L, d]
-    code_normalization_id []    1 CROSSCODER, 2 SAE, 3 MIXED, 4 NONE, 5 DECOUPLED (absent: CROSSCODER)
+    code_normalization_id []    1 CROSSCODER, 2 SAE, 3 MIXED, 4 NONE, 5 DECOUPLED (absent: unknown)
     k []  threshold []          BatchTopKCrossCoder only
     activation_mean [L, d]  activation_std [L, d]  activation_global_scale [L]  target_rms []
                                 optional input normaliser (all-NaN mean/std = no normaliser)
@@ -24,13 +24,22 @@ Their maths, for ``x [batch, L, d]``::
 Our layout is ``W_enc = encoder.weight``, ``W_dec = decoder.weight.permute(1, 0, 2)`` (``[h, L, d]``),
 CROSSCODER/SAE code normalisation map to ``l1_weighting`` ``sum``/``concat`` (the BatchTopK score), and a
 normaliser is folded into the weights (its mean into the biases, its scale via :meth:`CrossCoder.fold`).
-MIXED, NONE and DECOUPLED code normalisation, per-layer thresholds, a never-set threshold, encoder layer
-subsets and unknown keys have no exact equivalent and are refused.
+
+The code normalisation enters inference only through the BatchTopK threshold rule. So a ReLU
+``CrossCoder`` converts exactly to ``vanilla`` whatever its code normalisation (MIXED, NONE and DECOUPLED
+only change their training loss), and so does a ``BatchTopKCrossCoder`` whose threshold was never set
+(``-1``: ``f * code > -1`` holds for every ``f >= 0``, so inference keeps every positive latent, which is
+``relu``; ``batchtopk`` with threshold 0 would instead drop positive latents whose decoder norm is 0).
+A BatchTopK file with a set threshold needs its code normalisation: from ``code_normalization_id``, the
+config, or the caller (``code_normalization``); files of the older layout carry no id, and their
+weighting is then refused as unknown rather than guessed. MIXED/NONE/DECOUPLED BatchTopK, per-layer
+thresholds, encoder layer subsets and unknown keys have no exact equivalent and are refused.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +59,10 @@ from .common import (
 CODE_NORMALIZATION = {1: "CROSSCODER", 2: "SAE", 3: "MIXED", 4: "NONE", 5: "DECOUPLED"}
 L1_WEIGHTING = {"CROSSCODER": "sum", "SAE": "concat"}
 CLASSES = ("CrossCoder", "BatchTopKCrossCoder")
+KISSANE_KEYS = {"W_enc", "b_enc", "W_dec", "b_dec"}
+# Names of a training folder's final model, most specific first (the fork's trainer; the original's).
+FINAL_NAMES = ("model_final.pt", "ae.pt", "final.pt", "model.pt")
+_STEP = re.compile(r"(\d+)\.pt$")
 NORMALIZER_KEYS = ("activation_mean", "activation_std", "activation_global_scale", "target_rms")
 KNOWN_KEYS = {
     "encoder.weight",
@@ -63,10 +76,40 @@ KNOWN_KEYS = {
 }
 
 
+def _final_pt(path: Path, notes: list[str] | None) -> Path:
+    """The final model among a training folder's ``.pt`` files (``checkpoints/`` below it is ignored)."""
+    pts = sorted(path.glob("*.pt"))
+    if not pts:
+        raise CrossCoderError(
+            f"{path}: expected model.safetensors (+ config.json) or a .pt state dict in the folder, "
+            "found none"
+        )
+    if len(pts) == 1:
+        return pts[0]
+    by_name = {p.name: p for p in pts}
+    final = next((by_name[n] for n in FINAL_NAMES if n in by_name), None)
+    why = "the final model"
+    if final is None:
+        stepped = sorted((int(m.group(1)), p.name, p) for p in pts if (m := _STEP.search(p.name)))
+        if len(stepped) != len(pts):
+            raise CrossCoderError(
+                f"{path}: {len(pts)} .pt files and none is the final model "
+                f"({', '.join(FINAL_NAMES)}); pass the file to convert"
+            )
+        final, why = stepped[-1][2], "the latest checkpoint"
+    if notes is not None:
+        notes.append(f"{path} holds {len(pts)} .pt files; converting {why}, {final.name}")
+    return final
+
+
 def resolve_dictionary_learning(
-    path: str | Path, cfg_path: str | Path | None = None
+    path: str | Path, cfg_path: str | Path | None = None, notes: list[str] | None = None
 ) -> tuple[Path, Path | None]:
-    """``(weights file, config.json or None)`` from a file or a ``save_pretrained`` folder."""
+    """``(weights file, config.json or None)`` from a file or a ``save_pretrained`` / training folder.
+
+    A training folder with several ``.pt`` files gives its final model (``model_final.pt``, ``ae.pt``, ...;
+    else the highest step number); a note naming it is appended to ``notes``.
+    """
     path = Path(path)
     if path.is_dir():
         for name in ("model.safetensors", "pytorch_model.bin"):
@@ -74,13 +117,7 @@ def resolve_dictionary_learning(
                 weights = path / name
                 break
         else:
-            pts = sorted(path.glob("*.pt"))
-            if len(pts) != 1:
-                raise CrossCoderError(
-                    f"{path}: expected model.safetensors (+ config.json) or a single .pt "
-                    f"state dict in the folder, found {len(pts)} .pt files"
-                )
-            weights = pts[0]
+            weights = _final_pt(path, notes)
         default_cfg: Path | None = path / "config.json"
     elif path.is_file():
         weights = path
@@ -104,7 +141,10 @@ def _read_config(path: Path | None) -> dict[str, Any]:
     return cfg
 
 
-def _code_normalization(sd: dict[str, Any], cfg: dict[str, Any], where: str, notes: list[str]) -> str:
+def _code_normalization(
+    sd: dict[str, Any], cfg: dict[str, Any], where: str, given: str | None = None
+) -> str | None:
+    """The file's code normalisation name, from its id, its config and/or ``given``; None when unknown."""
     from_cfg = cfg.get("code_normalization", cfg.get("sparsity_loss_type"))
     from_sd = None
     if "code_normalization_id" in sd:
@@ -123,12 +163,17 @@ def _code_normalization(sd: dict[str, Any], cfg: dict[str, Any], where: str, not
     elif from_sd is not None:
         name = from_sd
     else:
-        name = "CROSSCODER"
-        notes.append("no code_normalization_id in the file: assuming CROSSCODER, as dictionary_learning does")
-    if name not in L1_WEIGHTING:
-        raise CrossCoderError(
-            f"{where}: code_normalization {name} cannot be represented exactly (supported: CROSSCODER, SAE)"
-        )
+        name = None
+    if given is not None:
+        flag = str(given).upper()
+        if flag not in CODE_NORMALIZATION.values():
+            raise CrossCoderError(
+                f"--code-normalization: unknown value {given!r} "
+                f"(choices: {', '.join(v.lower() for v in CODE_NORMALIZATION.values())})"
+            )
+        if name is not None and flag != name:
+            raise CrossCoderError(f"--code-normalization {flag}: the file (or its config) says {name}")
+        name = flag
     return name
 
 
@@ -164,6 +209,7 @@ def from_dictionary_learning(
     norm_scale: list[float] | None = None,
     model_names: list[str] | None = None,
     site: str | None = None,
+    code_normalization: str | None = None,
 ) -> Conversion:
     """Convert a dictionary_learning ``CrossCoder`` (-> ``vanilla``) or ``BatchTopKCrossCoder``
     (-> ``batchtopk``).
@@ -174,6 +220,8 @@ def from_dictionary_learning(
         norm_scale: ``[n_models]`` factors multiplying raw activations, for models trained on externally
             normalised inputs; refused when the file stores its own normaliser (that one is folded in).
         model_names: names of the models, base first. site: module the activations were read at.
+        code_normalization: ``crosscoder``, ``sae``, ... for files that do not record it (checked
+            against the file and config when they do); needed only for BatchTopK with a set threshold.
 
     Returns:
         A :class:`Conversion` whose model maps ``x [batch, L, d]`` to the source's latents
@@ -182,7 +230,8 @@ def from_dictionary_learning(
     """
     from ..model.crosscoder import CrossCoder
 
-    weights, cfg_file = resolve_dictionary_learning(path, cfg_path)
+    notes: list[str] = []
+    weights, cfg_file = resolve_dictionary_learning(path, cfg_path, notes)
     where = str(weights)
     raw = load_safetensors(weights) if weights.suffix == ".safetensors" else safe_torch_load(weights)
     sd: dict[str, Any] = {k.replace("_orig_mod.", ""): v for k, v in raw.items()}
@@ -190,13 +239,17 @@ def from_dictionary_learning(
     hub_cfg = sd.pop("_hub_mixin_config", None)
     if isinstance(hub_cfg, dict):
         cfg = {**hub_cfg, **cfg}
+    if KISSANE_KEYS <= set(sd):
+        raise CrossCoderError(
+            f"{where}: this is a Kissane checkpoint (keys W_enc, W_dec, b_enc, b_dec), not "
+            "dictionary_learning: use --from kissane"
+        )
     unknown = sorted(set(sd) - KNOWN_KEYS)
     if unknown:
         raise CrossCoderError(
             f"{where}: unsupported key {unknown[0]!r} (not a dictionary_learning "
             "CrossCoder/BatchTopKCrossCoder state dict we can convert exactly)"
         )
-    notes: list[str] = []
     dict_class = cfg.get("dict_class")
     if dict_class is not None and dict_class not in CLASSES:
         raise CrossCoderError(
@@ -221,28 +274,49 @@ def from_dictionary_learning(
     b_enc = tensor(sd, "encoder.bias", where, (h,))
     w_dec = tensor(sd, "decoder.weight", where, (n, h, d))
     b_dec = tensor(sd, "decoder.bias", where, (n, d))
-    code_norm = _code_normalization(sd, cfg, where, notes)
+    code_norm = _code_normalization(sd, cfg, where, code_normalization)
 
-    batchtopk = "k" in sd or "threshold" in sd or dict_class == "BatchTopKCrossCoder"
+    source_batchtopk = "k" in sd or "threshold" in sd or dict_class == "BatchTopKCrossCoder"
+    batchtopk = source_batchtopk
     k, threshold = 32, -1.0
-    if batchtopk:
+    if source_batchtopk:
         for key in ("k", "threshold"):
             if key not in sd:
                 raise CrossCoderError(f"{where}: missing key {key!r} (BatchTopKCrossCoder)")
-        if sd["threshold"].numel() != 1:
-            raise CrossCoderError(
-                f"{where}: 'threshold' has shape {tuple(sd['threshold'].shape)}: per-layer "
-                "(DECOUPLED) thresholds are not supported"
-            )
         k = int(sd["k"].reshape(-1)[0].item())
-        threshold = float(sd["threshold"].reshape(-1)[0].item())
-        if threshold < 0:
-            raise CrossCoderError(
-                f"{where}: 'threshold' = {threshold} was never set by training; the source "
-                "would keep every positive latent at inference, which we cannot represent"
-            )
         if k <= 0:
             raise CrossCoderError(f"{where}: 'k' = {k} must be positive")
+        thr = tensor(sd, "threshold", where)
+        if bool(torch.all(thr < 0)):
+            # Never set: their inference keeps f where f * code > -1, i.e. every positive latent (relu).
+            batchtopk = False
+            notes.append(
+                f"'threshold' = {thr.reshape(-1)[0].item():g} was never set by training, so their inference "
+                "keeps every positive latent: converted exactly as vanilla (relu); k is not kept"
+            )
+        elif thr.numel() != 1:
+            raise CrossCoderError(
+                f"{where}: 'threshold' has shape {tuple(thr.shape)}: per-layer "
+                "(DECOUPLED) thresholds are not supported"
+            )
+        else:
+            threshold = float(thr.reshape(-1)[0].item())
+    if batchtopk and code_norm is None:
+        raise CrossCoderError(
+            f"{where}: BatchTopK file without code_normalization_id, so the weighting of its threshold "
+            "(CROSSCODER or SAE) is unknown; pass --code-normalization crosscoder|sae, or --cfg with "
+            "the model's or trainer's config.json"
+        )
+    if batchtopk and code_norm not in L1_WEIGHTING:
+        raise CrossCoderError(
+            f"{where}: code_normalization {code_norm} cannot be represented exactly for BatchTopK "
+            "(supported: CROSSCODER, SAE)"
+        )
+    if not batchtopk and code_norm not in L1_WEIGHTING:
+        notes.append(
+            f"code normalisation {code_norm or 'not recorded'}: it only enters their training loss, not "
+            "encode/decode; the vanilla model records l1_weighting 'sum'"
+        )
 
     norm = _normalizer(sd, cfg, where, n, d)
     if norm is not None and norm_scale is not None:
@@ -270,7 +344,7 @@ def from_dictionary_learning(
         arch="batchtopk" if batchtopk else "vanilla",
         d_latent=h,
         k=k,
-        l1_weighting=L1_WEIGHTING[code_norm],
+        l1_weighting=L1_WEIGHTING.get(code_norm or "", "sum"),
         n_models=n,
         d_model=d,
         model_names=list(model_names) if model_names else None,
@@ -289,7 +363,7 @@ def from_dictionary_learning(
     model.eval()
     source = {
         "format": "dictionary_learning",
-        "class": "BatchTopKCrossCoder" if batchtopk else "CrossCoder",
+        "class": "BatchTopKCrossCoder" if source_batchtopk else "CrossCoder",
         "weights": weights.name,
         "code_normalization": code_norm,
         "activation_normalizer": norm is not None,

@@ -102,6 +102,11 @@ def from_kissane(
     kcfg = read_json_object(cfg_file)
     sd = safe_torch_load(weights)
     where = str(weights)
+    if "encoder.weight" in sd and "W_enc" not in sd:
+        raise CrossCoderError(
+            f"{where}: this is a dictionary_learning state dict (encoder.weight, decoder.weight), not a "
+            "Kissane checkpoint: use --from dictionary_learning"
+        )
     unknown = sorted(set(sd) - set(PARAMS))
     if unknown:
         raise CrossCoderError(
