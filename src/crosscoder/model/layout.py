@@ -86,6 +86,11 @@ class LatentLayout:
             mask[self.ft_only, 2:] = 0.0
         return mask
 
+    def forbidden(self, device: torch.device) -> torch.Tensor | None:
+        """``[d_latent, n_models]`` bool: latent ``i`` may not read/write model ``m`` (None: all allowed)."""
+        mask = self.model_mask()
+        return None if mask is None else (mask == 0).to(device)
+
     def sparsity_scale(self) -> torch.Tensor:
         """``[d_latent]``: ``shared_factor`` on designated shared latents, 1 elsewhere."""
         scale = torch.ones(self.d_latent)
@@ -97,9 +102,8 @@ class LatentLayout:
         """Impose the layout on ``w_enc [M, Dm, H]`` and ``w_dec [H, M, Dm]`` (in place): zero the forbidden
         blocks (``+0.0``: ``masked_fill``, not a product that would leave ``-0.0`` under negative weights),
         copy model 0's decoder vector of each designated shared latent to every model."""
-        mask = self.model_mask()
-        if mask is not None:
-            off = (mask == 0).to(w_dec.device)
+        off = self.forbidden(w_dec.device)
+        if off is not None:
             w_dec.masked_fill_(off[:, :, None], 0.0)
             w_enc.masked_fill_(off.t()[:, None, :], 0.0)
         if self.shared:
@@ -115,9 +119,8 @@ class LatentLayout:
         gradients, moments and updates (Adam and clipping act element by element), so they stay bitwise
         equal. (Clipping sees the summed gradient once per model: ``sqrt(n_models)`` times the shared
         vector's own gradient norm in the global norm.)"""
-        mask = self.model_mask()
-        if mask is not None:
-            off = (mask == 0).to(w_dec.device)
+        off = self.forbidden(w_dec.device)
+        if off is not None:
             if w_dec.grad is not None:
                 w_dec.grad.masked_fill_(off[:, :, None], 0.0)
             if w_enc.grad is not None:
@@ -161,9 +164,8 @@ class LatentLayout:
         of a tied decoder vector in the normalised space (``tied_dec``: ``W_dec[i, m] * norm_scale[m]``,
         float32). All 0.0 for a model trained with this layout (see :meth:`fold_decoder_`)."""
         out = {"forbidden_enc": 0.0, "forbidden_dec": 0.0, "tied_dec": 0.0}
-        mask = self.model_mask()
-        if mask is not None:
-            off = (mask == 0).to(w_dec.device)
+        off = self.forbidden(w_dec.device)
+        if off is not None:
             out["forbidden_dec"] = float(w_dec.detach().abs().masked_fill(~off[:, :, None], 0).max())
             out["forbidden_enc"] = float(w_enc.detach().abs().masked_fill(~off.t()[:, None, :], 0).max())
         if self.shared:

@@ -192,8 +192,9 @@ def compute_loss(
         if fw.aux_e_hat is None:  # no dead latent (known without a device read): the loss is exactly 0
             aux = torch.zeros((), device=x.device)
         else:
-            dist_sum = inp.dist.all_reduce_sum if inp.dist is not None else None
-            aux = aux_loss_from(fw.aux_e_hat, (x - x_hat).detach(), fw.aux_scale, dist_sum, inp.world_size)
+            aux = aux_loss_from(
+                fw.aux_e_hat, (x - x_hat).detach(), fw.aux_scale, inp.dist_sum, inp.world_size
+            )
             loss = loss + inp.aux_coeff * aux
         metrics["aux_loss"] = aux.detach()
     with torch.no_grad():
@@ -203,6 +204,5 @@ def compute_loss(
         metrics.update({k: v.detach() for k, v in fw.losses.items()})
         metrics.update(fw.metrics)
         metrics["l0_loss"] = fw.latents.l0()
-        dist_sum = inp.dist.all_reduce_sum if inp.dist is not None else None
-        metrics.update(reconstruction_metrics(x, x_hat.detach(), dist_sum))
+        metrics.update(reconstruction_metrics(x, x_hat.detach(), inp.dist_sum))
     return LossOutput(loss=loss, metrics=metrics, latents=fw.latents, x_hat=x_hat.detach())

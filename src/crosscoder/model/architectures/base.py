@@ -63,6 +63,11 @@ class StepInput:
     def world_size(self) -> int:
         return self.dist.world_size if self.dist is not None else 1
 
+    @property
+    def dist_sum(self) -> Any:
+        """Sums a tensor over ranks (``None`` on one process)."""
+        return self.dist.all_reduce_sum if self.dist is not None else None
+
 
 class Latents:
     """Latents ``f [B, H]`` of one forward pass (no graph): dense, or sparse ``(rows, cols, vals)``.

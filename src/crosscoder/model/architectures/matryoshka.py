@@ -174,27 +174,11 @@ class Matryoshka(BatchTopK):
         if w[-1] != 1.0:
             loss = loss + (w[-1] - 1.0) * l2_loss(x, x_hats[-1], inp.l2)
         out.losses["prefix_loss"] = loss
-        with torch.no_grad():
-            sse = torch.stack([(x - xh.detach()).float().pow(2).sum() for xh in x_hats])  # [L]
-            if inp.dist is None:
-                sst = (x - x.mean(0, keepdim=True)).float().pow(2).sum()
-            else:  # global batch: SST around the global mean, from summed moments (float64)
-                xd = x.detach().double()
-                st = inp.dist.all_reduce_sum(
-                    torch.cat(
-                        [
-                            sse.double(),
-                            xd.sum(0).reshape(-1),
-                            xd.pow(2).sum().reshape(1),
-                            xd.new_tensor([x.shape[0]]),
-                        ]
-                    )
-                )
-                n_p = len(x_hats)
-                sse, s1, s2, n = st[:n_p], st[n_p:-2], st[-2], st[-1]
-                sst = s2 - s1.pow(2).sum() / n
-            ev = (1 - sse / sst).float()
-            out.metrics.update({f"ev_prefix_{p}": ev[j] for j, p in enumerate(self.prefix_sizes)})
+        with torch.no_grad():  # pooled over the (global) batch, as explained_variance itself
+            stats = self.ev_stats(x, x_hats)
+            if inp.dist is not None:
+                stats = inp.dist.all_reduce_sum(stats)
+            out.metrics.update({k: v.float() for k, v in self.ev_from_stats(stats).items()})
 
     def forward_dense(self, x: torch.Tensor, inp: StepInput) -> ForwardOut:
         """Reference maths: BatchTopK's dense rule, then one dense decode per prefix."""
@@ -246,23 +230,32 @@ class Matryoshka(BatchTopK):
         was_training = model.training
         model.eval()
         dev = model.W_enc.device
-        sse = torch.zeros(len(self.prefix_sizes), dtype=torch.float64, device=dev)
-        s1 = torch.zeros((), dtype=torch.float64, device=dev)
-        s2 = torch.zeros((), dtype=torch.float64, device=dev)
-        n = 0
+        stats = None
         try:
             for x in batches:
                 x = x.to(dev).float()
                 f = model.encode(x)
-                for j, p in enumerate(self.prefix_sizes):
-                    sse[j] += (x - self.decode_prefix(f, p)).double().pow(2).sum()
-                xd = x.double()
-                s1 = s1 + xd.sum(0)
-                s2 = s2 + xd.pow(2).sum()
-                n += x.shape[0]
+                st = self.ev_stats(x, [self.decode_prefix(f, p) for p in self.prefix_sizes])
+                stats = st if stats is None else stats + st
         finally:
             model.train(was_training)
-        if n == 0:
+        if stats is None:
             return {}
-        ev = 1 - sse / (s2 - s1.pow(2).sum() / n)
-        return {f"ev_prefix_{p}": float(ev[j]) for j, p in enumerate(self.prefix_sizes)}
+        return {k: float(v) for k, v in self.ev_from_stats(stats).items()}
+
+    def ev_stats(self, x: torch.Tensor, x_hats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``[L, S]``: :func:`~crosscoder.model.losses.ev_moments` of each prefix's reconstruction (sums that
+        pool over batches and ranks)."""
+        from ..losses import ev_moments
+
+        return torch.stack([ev_moments(x, xh.detach()) for xh in x_hats])
+
+    def ev_from_stats(self, stats: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"ev_prefix_<p>": 1 - SSE_p / SST}`` (all models pooled) from summed :meth:`ev_stats`."""
+        from ..losses import explained_variance_from_moments
+
+        m = self.model.cfg.n_models
+        return {
+            f"ev_prefix_{p}": explained_variance_from_moments(st, m)["explained_variance"]
+            for p, st in zip(self.prefix_sizes, stats, strict=True)
+        }
