@@ -67,6 +67,7 @@ SYNTHETIC_PRESET = {
 
 def run(args: argparse.Namespace) -> int:
     from ..train import Interrupted, run_training
+    from ..train.checkpoint import disk_full_errors
 
     cfg = build_config(args)
     out = Path(args.out or f"runs/crosscoder-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -75,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     except Interrupted as e:
         print(f"interrupted: {e}")
         return 130
-    print(summary(out, metrics))
+    with disk_full_errors(out):  # recovery.json
+        print(summary(out, metrics))
     return 0
 
 

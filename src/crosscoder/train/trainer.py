@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import shutil
 import signal
 import threading
 import time
@@ -21,11 +20,12 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
-from ..distributed import LOCAL, Dist, setup, teardown
+from ..distributed import LOCAL, Dist, from_env, setup
 from ..errors import CrossCoderError
 from ..model import CrossCoder, compute_loss
 from ..model.losses import ev_moments, explained_variance_from_moments
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import disk_full_errors, load_newest, save_checkpoint, set_rng_state, write_final_model
+from .lock import ending, is_lock, output_lock, prepare_folder
 from .logging import MetricsLogger
 from .sources import make_source
 from .step import TrainStep
@@ -55,7 +55,7 @@ def geometric_median(x: torch.Tensor, iters: int = 50) -> torch.Tensor:
 
 
 def check_out(out: Path, overwrite: bool, resume: bool) -> None:
-    if out.exists() and any(out.iterdir()) and not (overwrite or resume):
+    if out.exists() and any(not is_lock(p) for p in out.iterdir()) and not (overwrite or resume):
         raise CrossCoderError(
             f"{out}: output folder exists; pass --resume to continue it or --overwrite to replace it"
         )
@@ -100,27 +100,25 @@ def run_training(
     cfg = copy.deepcopy(cfg)
     cfg.validate()
     out = Path(out)
-    check_out(out, overwrite, resume)
-    torch.set_num_threads(cfg.train.threads)
-    d, device = setup(cfg.train.device)  # torchrun: process group from the environment
-    try:
-        d.barrier()  # every rank checked OUT before rank 0 creates it
-        if d.enabled and not d.is_main:
-            d.barrier()  # rank 0 builds a synthetic/converted cache first
-        source, info = make_source(cfg, device, d)  # validates the data before OUT is touched
-        if d.enabled and d.is_main:
-            d.barrier()
-        try:
-            if d.is_main:
-                if overwrite and not resume and out.exists():
-                    shutil.rmtree(out)
-                out.mkdir(parents=True, exist_ok=True)
-            d.barrier()
-            return _Loop(cfg, out, source, info, device, resume, stop_after_steps, d).run()
-        finally:
-            source.close()
-    finally:
-        teardown(d)
+    with output_lock(out, take=from_env().is_main):  # one train per OUT; rank 0, before the process group
+        check_out(out, overwrite, resume)
+        torch.set_num_threads(cfg.train.threads)
+        d, device = setup(cfg.train.device)  # torchrun: process group from the environment
+        with ending(d, agreed=Interrupted):  # no final barrier after a failure of one rank alone
+            d.barrier()  # every rank checked OUT before rank 0 writes to it
+            if d.enabled and not d.is_main:
+                d.barrier()  # rank 0 builds a synthetic/converted cache first
+            source, info = make_source(cfg, device, d)  # validates the data before OUT is touched
+            if d.enabled and d.is_main:
+                d.barrier()
+            try:
+                if d.is_main:
+                    prepare_folder(out, overwrite=overwrite and not resume)  # or only a killed run's temps
+                d.barrier()
+                with disk_full_errors(out):
+                    return _Loop(cfg, out, source, info, device, resume, stop_after_steps, d).run()
+            finally:
+                source.close()
 
 
 class _Loop:
@@ -142,6 +140,10 @@ class _Loop:
         cfg.model.norm_scale = cfg.model.norm_mean = None
         cfg.model.model_names = info.get("model_names") or cfg.model.model_names
         cfg.model.site = info.get("site") or cfg.model.site
+        blocks = info.get("blocks") or {}  # mixed widths and (model, site) blocks: the data's description
+        for key in ("d_models", "sites", "block_models", "block_sites"):
+            if key in blocks:
+                setattr(cfg.model, key, blocks[key])
         cfg.data.fingerprints = dict(info.get("fingerprints", {}))
         self.info = info
         self.norm_scale = list(source.norm_scale)
@@ -157,9 +159,10 @@ class _Loop:
             self.train_step.sched,
             self.train_step.since_fired,
         )
-        self.step, self.first_batch = 0, None
-        if resume and list_checkpoints(out):
-            self._restore(list_checkpoints(out)[-1][1])
+        self.step, self.first_batch, self.saved_metrics = 0, None, {}
+        found = load_newest(out, dist.is_main) if resume else None  # skips (and names) damaged ones
+        if found:
+            self._restore(*found)
         elif tc.b_dec_init == "geometric_median":
             self.first_batch = source.next_batch()
             with torch.no_grad():
@@ -176,8 +179,7 @@ class _Loop:
         t["tokens_since_fired"] = self.since_fired
         return t
 
-    def _restore(self, path: Path) -> None:
-        ck = load_checkpoint(path)
+    def _restore(self, path: Path, ck: dict[str, Any]) -> None:
         tensors = dict(ck["tensors"])
         with torch.no_grad():
             self.since_fired.copy_(tensors.pop("tokens_since_fired"))
@@ -192,14 +194,16 @@ class _Loop:
         set_rng_state(ck["rng"])
         self.source.load_state_dict(ck["state"]["data"])
         self.step = int(ck["state"]["step"])
+        self.saved_metrics = ck["state"].get("metrics", {})  # the final checkpoint's
 
-    def _save(self) -> Path | None:
+    def _save(self, metrics: dict[str, Any] | None = None) -> Path | None:
         if not self.dist.is_main:  # rank 0 alone writes checkpoints
             return None
         state = {
             "step": self.step,
             "tokens": self.step * self.cfg.train.batch_size,
             "data": self.source.state_dict(),
+            **({"metrics": metrics} if metrics else {}),
         }
         return save_checkpoint(
             self.out, self.step, self._tensors(), self.opt, self.sched, state, self.cfg.train.keep_checkpoints
@@ -361,12 +365,13 @@ class _Loop:
                         )
         finally:
             logger.close()
-        self._save()
-        metrics = {**last, **val}
+        metrics = {**last, **val} or self.saved_metrics  # resumed after the last step: the saved ones
+        self._save(metrics)
         if not main:
             return metrics
         final = copy.deepcopy(model).cpu().fold(self.norm_scale, self.norm_mean)
-        final.save_pretrained(
+        write_final_model(  # config.json, then model.safetensors (a finished run), each renamed into place
+            final,
             self.out,
             extra_config={
                 "train": dataclasses.asdict(self.cfg.train),
