@@ -17,10 +17,19 @@ subprocesses (``python -m crosscoder`` with this interpreter):
 
 then scores the run with :func:`crosscoder.analysis.recovery.family_scores` (cosines of the concatenated
 ``[2 * d_model]`` decoder and planted vectors in the crosscoder's normalised space, the analysis'
-``class`` column of ``REPORT/latents.parquet``), adds explained variance / L0 / dead fraction from the
-run's ``config.json`` metrics (validation ones when present) and the analysis, and wall times. Per
-(preset, arch) it aggregates mean, std and min over seeds. A failed subprocess is recorded with its
-exit code and stderr tail. Progress goes to stderr; stdout carries only the JSON document.
+``class`` column of ``REPORT/latents.parquet``) and :func:`crosscoder.analysis.recovery.pattern_recovery`
+(each planted feature's best latent found with the planted presence pattern; the table's ``pattern``
+column when it has one), adds explained variance / L0 / dead fraction from the run's ``config.json``
+metrics (validation ones when present) and the analysis, and wall times. Per (preset, arch) it aggregates
+mean, std and min over seeds. A failed subprocess is recorded with its exit code and stderr tail.
+Progress goes to stderr; stdout carries only the JSON document.
+
+Presets of more than two models (``multi``): ``crosscoder synth`` writes a paired cache ``PAIR/cache``,
+training reads ``--cache PAIR/cache`` and the score is :func:`pattern_recovery` (and its MMCS) from the
+decoder norms; ``crosscoder analyze RUN --cache PAIR/cache`` runs only with ``--analyze-multi`` (its
+``pattern`` column is then used).
+
+    python benchmarks/recovery.py --families multi --seeds 3 --jobs 2 --out benchmarks/recovery_multi.json
 """
 
 from __future__ import annotations
@@ -42,11 +51,20 @@ from pathlib import Path
 from typing import Any
 
 AGG_KEYS = (
+    "pattern_recovery",
+    "pattern_match",
+    "found",
     "mmcs",
     "mmcs_shared",
     "mmcs_base_only",
     "mmcs_ft_only",
     "mmcs_shared_weak",
+    "mmcs_exclusive",
+    "mmcs_subset",
+    "pattern_recovery_shared",
+    "pattern_recovery_shared_weak",
+    "pattern_recovery_exclusive",
+    "pattern_recovery_subset",
     "recall_base_only",
     "recall_ft_only",
     "precision_base_only",
@@ -74,10 +92,15 @@ _LOCK = threading.Lock()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from crosscoder.data.synthetic import PRESETS
+    from crosscoder.data.synthetic import ALL_PRESETS, PRESETS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--families", default=",".join(PRESETS), help="comma list of presets (default: all)")
+    p.add_argument(
+        "--families",
+        default=",".join(PRESETS),
+        help=f"comma list of presets among {', '.join(ALL_PRESETS)} (default: the two-model ones, "
+        f"{', '.join(PRESETS)})",
+    )
     p.add_argument(
         "--seeds",
         default="5",
@@ -110,13 +133,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="",
         help='passed through to crosscoder train: --extra-train-args="--lr 3e-4"',
     )
+    p.add_argument(
+        "--analyze-multi",
+        action="store_true",
+        help="also run crosscoder analyze on presets of more than two models (default: score from the "
+        "decoder norms only)",
+    )
+    p.add_argument("--min-cos", type=float, default=0.7, help="pattern recovery: found at cosine >= this")
     p.add_argument("--timeout", type=float, help="seconds allowed per subprocess (default: none)")
     p.add_argument("--out", help="also write the JSON document here")
     a = p.parse_args(argv)
     a.families = [f for f in a.families.split(",") if f]
-    bad = [f for f in a.families if f not in PRESETS]
+    bad = [f for f in a.families if f not in ALL_PRESETS]
     if bad:
-        p.error(f"--families: unknown preset {bad[0]!r} (choices: {', '.join(PRESETS)})")
+        p.error(f"--families: unknown preset {bad[0]!r} (choices: {', '.join(ALL_PRESETS)})")
     a.seeds = (
         list(range(int(a.seeds)))
         if a.seeds.strip().isdigit()
@@ -192,7 +222,42 @@ def checked_classes(report: Path) -> list[str] | None:
     ]
 
 
-def score(run: Path, report: Path, gt_dir: Path) -> dict[str, Any]:
+def pattern_scores(model: Any, gt: Any, report: Path | None, min_cos: float) -> dict[str, Any]:
+    """:func:`pattern_recovery` of a run (the analysis' ``pattern`` column when ``report`` has one)."""
+    from crosscoder.analysis.recovery import pattern_recovery
+
+    pats = latent_columns(report, ["pattern"]).get("pattern") if report is not None else None
+    res = pattern_recovery(model, gt, patterns=pats, min_cos=min_cos)
+    out = {k: res[k] for k in ("pattern_recovery", "pattern_match", "found", "mmcs")}
+    out["pattern_source"] = "analysis" if pats is not None else "decoder_norms"
+    out["per_pattern"] = {
+        p: {k: r[k] for k in ("n", "recovered", "mmcs", "called")} for p, r in res["per_pattern"].items()
+    }
+    out.update({f"mmcs_{c}": r["mmcs"] for c, r in res["per_class"].items()})
+    out.update({f"pattern_recovery_{c}": r["recovered"] for c, r in res["per_class"].items()})
+    return out
+
+
+def score_multi(run: Path, report: Path | None, gt_dir: Path, min_cos: float) -> dict[str, Any]:
+    """Scores of a run on more than two models: pattern recovery, MMCS, run metrics."""
+    import torch
+
+    from crosscoder import CrossCoder
+    from crosscoder.data.synthetic import GroundTruth
+
+    torch.set_num_threads(1)
+    res = pattern_scores(CrossCoder.from_pretrained(run), GroundTruth.load(gt_dir), report, min_cos)
+    m = json.loads((run / "config.json").read_text()).get("metrics", {})
+    res["explained_variance"] = m.get("val/explained_variance", m.get("explained_variance"))
+    res["l0"] = m.get("val/l0_loss", m.get("l0_loss"))
+    res["train_dead_fraction"] = m.get("dead_fraction")
+    if report is not None:
+        summ = json.loads((report / "summary.json").read_text())
+        res["dead_fraction"] = summ["dead"] / summ["d_latent"]
+    return res
+
+
+def score(run: Path, report: Path, gt_dir: Path, min_cos: float = 0.7) -> dict[str, Any]:
     import torch
 
     from crosscoder import CrossCoder
@@ -205,6 +270,8 @@ def score(run: Path, report: Path, gt_dir: Path) -> dict[str, Any]:
     cls = latent_classes(report)
     cos = planted_cosines(model, gt)
     res = family_scores(cos, gt.classes, cls)
+    pat = pattern_scores(model, gt, report, min_cos)
+    res.update({k: pat[k] for k in ("pattern_recovery", "pattern_match", "found", "pattern_source")})
     checked = checked_classes(report)
     if checked is not None:  # dedicated partitions: the calls that survive analyze's layout check
         res.update(
@@ -241,12 +308,19 @@ def run_pair(family: str, seed: int, a: argparse.Namespace, work: Path) -> list[
         return [{**base, "arch": arch, "ok": False, "failed_stage": "synth", **syn} for arch in a.archs]
     gt = GroundTruth.load(pair / "ground_truth")
     n_feat, active = len(gt.classes), gt.expected_active()
+    multi = gt.n_models > 2
+    data = (
+        ["--cache", str(pair / "cache")]
+        if multi
+        else ["--base-data", str(pair / "base"), "--ft-data", str(pair / "ft")]
+    )
     k = a.k if a.k is not None else math.ceil(active) + 1
     records = []
     for arch in a.archs:
         rec: dict[str, Any] = {
             **base,
             "arch": arch,
+            "n_models": gt.n_models,
             "n_features": n_feat,
             "expected_active": round(active, 3),
             "dict_size": 2 * n_feat,
@@ -255,10 +329,7 @@ def run_pair(family: str, seed: int, a: argparse.Namespace, work: Path) -> list[
         run, report = work / f"{family}-s{seed}-{arch}", work / f"{family}-s{seed}-{arch}-report"
         train = [
             "train",
-            "--base-data",
-            str(pair / "base"),
-            "--ft-data",
-            str(pair / "ft"),
+            *data,
             "--arch",
             arch,
             "--dict-size",
@@ -298,10 +369,7 @@ def run_pair(family: str, seed: int, a: argparse.Namespace, work: Path) -> list[
                 [
                     "analyze",
                     str(run),
-                    "--base-data",
-                    str(pair / "base"),
-                    "--ft-data",
-                    str(pair / "ft"),
+                    *data,
                     "--no-spliced",
                     "--out",
                     str(report),
@@ -311,6 +379,9 @@ def run_pair(family: str, seed: int, a: argparse.Namespace, work: Path) -> list[
                 ],
             ),
         ]
+        analyzed = not multi or a.analyze_multi
+        if not analyzed:
+            stages = stages[:1]
         for stage, cmd in stages:
             r = call(cmd, a.timeout)
             rec[f"{stage}_s"] = r["seconds"]
@@ -323,12 +394,22 @@ def run_pair(family: str, seed: int, a: argparse.Namespace, work: Path) -> list[
                 break
         else:
             try:
-                rec.update(score(run, report, pair / "ground_truth"))
+                if multi:
+                    rec.update(
+                        score_multi(run, report if analyzed else None, pair / "ground_truth", a.min_cos)
+                    )
+                else:
+                    rec.update(score(run, report, pair / "ground_truth", a.min_cos))
                 rec["ok"] = True
             except Exception as e:  # a broken output is a result too
                 rec.update(ok=False, failed_stage="score", stderr_tail=f"{type(e).__name__}: {e}"[-2000:])
         rec["wall_s"] = round(rec.get("train_s", 0) + rec.get("analyze_s", 0), 1)
-        if rec["ok"]:
+        if rec["ok"] and multi:
+            log(
+                f"{family} seed {seed} {arch}: pattern recovery {rec['pattern_recovery']:.3f}, found "
+                f"{rec['found']:.3f}, mmcs {rec['mmcs']:.3f} ({rec['wall_s']}s)"
+            )
+        elif rec["ok"]:
             log(
                 f"{family} seed {seed} {arch}: mmcs {rec['mmcs']:.3f}, recall base/ft "
                 f"{rec['recall_base_only']:.2f}/{rec['recall_ft_only']:.2f}, precision base/ft "

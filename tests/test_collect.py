@@ -212,8 +212,8 @@ def test_memory_stays_flat_over_a_long_collection(tmp_path: Path) -> None:
     assert len(samples) > 100
     growth = samples[-1] - samples[20]
     # 15 MB of activations went through the process; keeping them (a leak) measured +12 MB here,
-    # a correct run +1 MB.
-    assert growth < 4 * 2**20, growth
+    # a correct run +1 MB alone and up to +5 MB while other processes load the machine (allocator noise).
+    assert growth < 7 * 2**20, growth
 
 
 def test_max_norm_ratio_drops_positions_for_both_models(tmp_path: Path) -> None:

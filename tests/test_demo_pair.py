@@ -32,8 +32,47 @@ def test_pair_is_cached_loadable_and_really_fine_tuned() -> None:
     assert not torch.equal(base.transformer.h[0].mlp.c_fc.weight, ft.transformer.h[0].mlp.c_fc.weight)
     loss = pair.info["eval_loss"]
     assert loss["ft_code"] < loss["base_code"]  # the fine-tune learned code
-    domains = {json.loads(line)["domain"] for line in pair.corpus.read_text().splitlines()}
-    assert domains == {"prose", "code"}
+    rows = [json.loads(line) for line in pair.corpus.read_text().splitlines()]
+    assert {r["domain"] for r in rows} == {"prose", "code", "data"}
+    assert {r["split"] for r in rows} == {"heldout", "train"} and rows[0]["split"] == "heldout"
+    record = next(r["text"] for r in rows if r["domain"] == "data").splitlines()[0]
+    assert set(json.loads(record)) >= {"code", "char", "name", "category"}  # the data domain: JSON lines
+
+
+def test_checkpoints_second_fine_tune_and_wide_model() -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pair = tiny_pair()
+    info, models = pair.info, pair.info["models"]
+    steps = SMALL.checkpoint_steps()
+    assert len(steps) == SMALL.n_checkpoints and steps[-1] == SMALL.base_steps and steps == sorted(steps)
+    assert [p.name for p in pair.checkpoints] == [f"step_{s}" for s in steps]
+    assert all(p.parent == pair.root / "checkpoints" for p in pair.checkpoints)
+    # every folder loads with the shared tokenizer; the last checkpoint is the base model
+    tok = AutoTokenizer.from_pretrained(pair.ft2)
+    assert tok.get_vocab() == AutoTokenizer.from_pretrained(pair.base).get_vocab()
+    first, last, base = (
+        AutoModelForCausalLM.from_pretrained(p)
+        for p in (pair.checkpoints[0], pair.checkpoints[-1], pair.base)
+    )
+    w = "transformer.h.0.mlp.c_fc.weight"
+    assert torch.equal(last.state_dict()[w], base.state_dict()[w])
+    assert not torch.equal(first.state_dict()[w], base.state_dict()[w])
+    wide = AutoModelForCausalLM.from_pretrained(pair.wide)
+    assert wide.config.n_embd == SMALL.wide_embd > SMALL.n_embd and wide.config.n_layer == SMALL.n_layer
+    assert len(AutoTokenizer.from_pretrained(pair.wide)) == len(tok)
+    # steps, learning rates and per-domain held-out losses of every model
+    for name in ("base", "ft", "ft2", "wide", *info["checkpoints"]):
+        m = models[name]
+        assert set(m["eval_loss"]) == {"prose", "code", "data"} and m["steps"] > 0 and m["lr"] > 0
+    assert (models["ft"]["init"], models["ft"]["data"], models["ft2"]["data"]) == ("base", "code", "data")
+    assert models["ft"]["steps"] < models["base"]["steps"] and models["ft"]["lr"] < models["base"]["lr"]
+    assert models["wide"]["init"] == "scratch" and models["wide"]["data"] == "prose"
+    loss = info["eval_loss"]
+    assert loss["ft2_data"] < loss["base_data"] and loss["ft2_data"] < loss["ft_data"]  # learned the data
+    assert loss["ft_code"] < loss["ft2_code"]
+    ckpt_prose = [models[c]["eval_loss"]["prose"] for c in info["checkpoints"]]
+    assert ckpt_prose[0] > ckpt_prose[-1] == loss["base_prose"]  # pretraining progressed
 
 
 def test_sites_lists_module_paths_with_shapes(capsys: pytest.CaptureFixture) -> None:
@@ -201,5 +240,6 @@ def test_demo_command_small(
     assert "== crosscoder demo ==" in out and "explained variance" in out and "L0" in out
     for label in ("base-only", "shared", "ft-only", "dead", "r histogram"):
         assert label in out
+    assert "data: base" in out and "also built ft2" in out and "checkpoints/step_{10,20,30,40}" in out
     assert "building the demo pair" not in out  # cached
     assert (tmp_path / "demo" / "crosscoder" / "model.safetensors").is_file()

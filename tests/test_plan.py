@@ -29,3 +29,25 @@ def test_plan_cli_json(capsys):
     d = json.loads(capsys.readouterr().out)
     assert d["params"] == 2 * 2 * 2304 * 73728 + 73728 + 2 * 2304
     assert main(["plan", "--d-model", "0", "--dict-size", "8"]) == 2
+
+
+def test_plan_blocks_and_mixed_widths_by_hand():
+    # 2 models of widths 4 and 6, 2 sites each: 4 blocks padded to width 6
+    p = plan(
+        d_model=0, dict_size=10, batch_size=8, arch="vanilla", d_models=[4, 6], n_sites=2, cache_tokens=5
+    )
+    n = 2 * 4 * 6 * 10 + 10 + 4 * 6
+    assert (p.n_blocks, p.d_model, p.params) == (4, 6, n)
+    assert p.padding_fraction == 1 - (4 + 6) * 2 / 24
+    assert p.activation_bytes == 4 * (4 * 8 * 10 + 3 * 8 * 24)
+    assert p.cache_bytes == 5 * (24 * 2 + 24)
+    q = plan(d_model=6, dict_size=10, batch_size=8, n_models=3, arch="vanilla")
+    assert (q.n_blocks, q.params, q.padding_fraction) == (3, 2 * 3 * 6 * 10 + 10 + 18, 0.0)
+
+
+def test_plan_cli_widths(capsys):
+    assert main(["plan", "--d-models", "128,192", "--n-sites", "2", "--dict-size", "64", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert (d["n_blocks"], d["d_model"]) == (4, 192)
+    assert main(["plan", "--d-models", "128", "--dict-size", "64"]) == 2
+    assert "at least two" in capsys.readouterr().err

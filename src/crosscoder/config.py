@@ -70,6 +70,22 @@ class _ModelFields:
     )
     model_names: list[str] | None = _f(None, "names of the models, base first", cli=False)
     site: str | None = _f(None, "module the activations were read at", cli=False)
+    d_models: list[int] | None = _f(
+        None,
+        "width of each block of the model axis when they differ (inferred from data; d_model is the "
+        "largest, narrower blocks are zero-padded)",
+        cli=False,
+    )
+    sites: list[str] | None = _f(None, "module paths read, when several (inferred from data)", cli=False)
+    block_models: list[int] | None = _f(
+        None,
+        "model index (into model_names) of each block of the model axis, when blocks are "
+        "(model, site) pairs (inferred from data; None: one block per model)",
+        cli=False,
+    )
+    block_sites: list[int] | None = _f(
+        None, "site index (into sites) of each block of the model axis (inferred from data)", cli=False
+    )
 
 
 @dataclass
@@ -104,13 +120,52 @@ class CrossCoderConfig(*_option_classes(), _ModelFields):
             raise ConfigError(f"shared_sparsity_coeff: must be positive, got {self.shared_sparsity_coeff}")
         if self.norm_scale is not None and len(self.norm_scale) != self.n_models:
             raise ConfigError(f"norm_scale: expected {self.n_models} factors, got {len(self.norm_scale)}")
+        self._validate_blocks()
         if (
             self.norm_mean is not None
             and self.d_model > 0
-            and (len(self.norm_mean) != self.n_models or any(len(r) != self.d_model for r in self.norm_mean))
+            and (
+                len(self.norm_mean) != self.n_models
+                or any(
+                    len(r) not in (self.d_model, w)
+                    for r, w in zip(self.norm_mean, self.widths(), strict=False)
+                )
+            )
         ):
             raise ConfigError(f"norm_mean: expected {self.n_models} rows of {self.d_model} values")
         ARCHITECTURES[self.arch].validate_config(self)
+
+    def _validate_blocks(self) -> None:
+        """Checks of the block description (``d_models``, ``block_models``, ``block_sites``)."""
+        if self.d_models is not None:
+            if len(self.d_models) != self.n_models or any(int(w) <= 0 for w in self.d_models):
+                raise ConfigError(f"d_models: expected {self.n_models} positive widths, got {self.d_models}")
+            if self.d_model > 0 and max(self.d_models) != self.d_model:
+                raise ConfigError(
+                    f"d_models: the largest width {max(self.d_models)} must equal d_model {self.d_model}"
+                )
+        for name, names in (("block_models", self.model_names), ("block_sites", self.sites)):
+            idx = getattr(self, name)
+            if idx is None:
+                continue
+            if len(idx) != self.n_models or any(int(i) < 0 for i in idx):
+                raise ConfigError(f"{name}: expected {self.n_models} indices >= 0, got {idx}")
+            if names is not None and max(idx) >= len(names):
+                raise ConfigError(f"{name}: index {max(idx)} but only {len(names)} names")
+
+    def widths(self) -> list[int]:
+        """Width of each block of the model axis (``d_models``, or ``d_model`` for every block)."""
+        return (
+            [int(w) for w in self.d_models] if self.d_models is not None else [self.d_model] * self.n_models
+        )
+
+    def block_model_index(self) -> list[int]:
+        """Model index of each block (``block_models``; with one site, block ``i`` is model ``i``)."""
+        return (
+            [int(i) for i in self.block_models]
+            if self.block_models is not None
+            else list(range(self.n_models))
+        )
 
 
 @dataclass

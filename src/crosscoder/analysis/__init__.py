@@ -44,7 +44,9 @@ def latent_table(
     as_dict: bool = False,
 ) -> Any:
     """One row per latent: decoder metrics (normalised space), classes, and, when ``data`` is given, firing
-    frequency, mean activation, dead flag and Latent Scaling from one streaming pass.
+    frequency, mean activation, dead flag and Latent Scaling from one streaming pass. A crosscoder over n
+    models, several sites or mixed widths gets the presence-pattern table
+    (:func:`crosscoder.analysis.multi.multi_columns`).
 
     ``model``: a :class:`~crosscoder.CrossCoder` (as saved: folded) or a folder to load it from;
     ``data``: a :class:`~crosscoder.data.paired.PairedCache` or its folder (raw activations), or None for
@@ -56,6 +58,8 @@ def latent_table(
 
     from ..data.paired import PairedCache
     from ..model import CrossCoder
+    from .blocks import block_layout
+    from .multi import is_classic_pair, multi_columns, two_model_extras
     from .scan import ActivationStats, normalised_model, scan, select_rows
     from .table import to_dataframe
 
@@ -63,15 +67,34 @@ def latent_table(
         model = CrossCoder.from_pretrained(model)
     t = thresholds or thresholds_for(model.cfg.arch)
     norm = normalised_model(model).to(device)
-    if data is None:
+    cache = (
+        None
+        if data is None
+        else (data if isinstance(data, PairedCache) else PairedCache(data, verify="size"))
+    )
+    layout = block_layout(model.cfg, cache.meta if cache is not None else None)
+    if not is_classic_pair(layout):  # n models, several sites or mixed widths
+        from .multi_scaling import MultiScalingAccumulator
+
+        stats = ls = None
+        if cache is not None:
+            acc = ActivationStats(model.cfg.d_latent, device)
+            msa = MultiScalingAccumulator(norm, layout)
+            rows = select_rows(cache.n_rows, max_tokens, seed)
+            with torch.no_grad():
+                scan(norm, cache, rows, [acc, msa], model.normalization(), chunk)
+            stats, ls = acc.result(), msa.result()
+        cols, _ = multi_columns(norm, layout, t, stats, ls)
+    elif data is None:
         cols = latent_columns(norm, t)
     else:
-        cache = data if isinstance(data, PairedCache) else PairedCache(data, verify="size")
         stats = ActivationStats(model.cfg.d_latent, device)
         accs = [stats, ScalingAccumulator(norm)]
         with torch.no_grad():
             scan(norm, cache, select_rows(cache.n_rows, max_tokens, seed), accs, model.normalization(), chunk)
         cols = latent_columns(norm, t, stats.result(), accs[1].result("ft"), accs[1].result("base"))
+    if is_classic_pair(layout):
+        two_model_extras(cols, t)
     return cols if as_dict else to_dataframe(cols)
 
 

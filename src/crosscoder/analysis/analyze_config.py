@@ -24,6 +24,7 @@ class AnalyzeConfig:
     column: str = "activation"
     base_model: str | None = None
     ft_model: str | None = None
+    models: list[str] | None = None  # n models: one spec per model (reference first), else the cache's
     site: str | None = None
     eval_data: str | None = None
     eval_sequences: int = 64

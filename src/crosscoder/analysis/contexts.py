@@ -102,19 +102,26 @@ def build_contexts(
     left: int = 10,
     right: int = 3,
     chunk_latents: int = 128,
+    proj_blocks: np.ndarray | None = None,
 ) -> dict[int, list[dict[str, Any]]]:
     """Contexts of ``latents`` from the top rows found by :class:`TopActivations`.
 
     ``model`` is the normalised model; ``top_values, top_rows [k, d_latent]``. Returns, per latent, a
     list of ``{"row", "act", "seq", "pos", "tokens": [str], "acts": [float], "mark": i, "proj_base",
-    "proj_ft"}`` where ``tokens[mark]`` is the activating token.
+    "proj_ft"}`` where ``tokens[mark]`` is the activating token. ``proj_blocks [d_latent, n_blocks]`` (n
+    models, several sites): ``"proj": [float | None]`` per block instead of ``proj_base``/``proj_ft``, block
+    ``b``'s activation projected on the unit decoder vector of block ``proj_blocks[j, b]`` (the reference
+    model's block at ``b``'s site; -1: none, ``None``).
     """
     text = TokenText(tokenizer)
     norm = Normalization.of(norm)
     n_rows = cache.n_rows
     offsets = np.arange(-left, right + 1)
     norms = model.dec_norms().detach()
-    dominant = (norms[:, 1] >= norms[:, 0]).long()  # [h]
+    if norms.shape[1] == 2:
+        dominant = (norms[:, 1] >= norms[:, 0]).long()  # [h]
+    else:
+        dominant = norms.argmax(1)  # [h]
     w_dec = model.W_dec.detach()
     dev = w_dec.device
     out: dict[int, list[dict[str, Any]]] = {}
@@ -143,6 +150,11 @@ def build_contexts(
         d_unit = w_dec[lat_c, dominant[lat_c]]  # [c, d]
         d_unit = d_unit / d_unit.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         proj = torch.einsum("cmd,cd->cm", xc, d_unit).cpu().numpy()  # [c, M]
+        if proj_blocks is not None:
+            src = torch.as_tensor(proj_blocks, device=dev)[lat_c]  # [c, M]
+            d_blk = torch.gather(w_dec[lat_c], 1, src.clamp_min(0)[:, :, None].expand(-1, -1, xc.shape[-1]))
+            d_blk = d_blk / d_blk.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            proj = torch.einsum("cmd,cmd->cm", xc, d_blk).masked_fill(src < 0, float("nan")).cpu().numpy()
         for c, (j, row, val) in enumerate(items):
             seq = index[c, left, 1]
             keep = [
@@ -151,17 +163,18 @@ def build_contexts(
                 if (seq < 0 and t == left)
                 or (seq >= 0 and index[c, t, 1] == seq and win[c, t] == centre[c] + offsets[t])
             ]
-            out[j].append(
-                {
-                    "row": row,
-                    "act": val,
-                    "seq": int(seq),
-                    "pos": int(index[c, left, 2]),
-                    "tokens": [text(int(index[c, t, 0])) for t in keep],
-                    "acts": [round(float(acts[c, t]), 4) for t in keep],
-                    "mark": keep.index(left),
-                    "proj_base": float(proj[c, 0]),
-                    "proj_ft": float(proj[c, -1]),
-                }
-            )
+            item: dict[str, Any] = {
+                "row": row,
+                "act": val,
+                "seq": int(seq),
+                "pos": int(index[c, left, 2]),
+                "tokens": [text(int(index[c, t, 0])) for t in keep],
+                "acts": [round(float(acts[c, t]), 4) for t in keep],
+                "mark": keep.index(left),
+            }
+            if proj_blocks is not None:
+                item["proj"] = [round(float(v), 4) if np.isfinite(v) else None for v in proj[c]]
+            else:
+                item["proj_base"], item["proj_ft"] = float(proj[c, 0]), float(proj[c, -1])
+            out[j].append(item)
     return out

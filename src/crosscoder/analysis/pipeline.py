@@ -10,12 +10,16 @@ column, classes by construction for its constrained latents and a ``layout`` sec
 :mod:`crosscoder.analysis.table`); ``compare_to`` adds the comparison with another crosscoder trained on
 the same data (:mod:`crosscoder.analysis.compare`). The settings and their resolution live in
 :mod:`crosscoder.analysis.analyze_config`, the summary's text in :mod:`crosscoder.analysis.summary_text`.
+
+This is the report of the classic pair (two models, one site, one width; its table also gets
+``dec_norm_0``, ``dec_norm_1`` and the presence ``pattern``). Any other crosscoder (n models, several
+sites, mixed widths: :mod:`crosscoder.analysis.blocks`) is handed to
+:func:`crosscoder.analysis.multi_pipeline.analyze_multi` after the run and the data are resolved.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,9 @@ import torch
 from ..errors import CrossCoderError
 from ..model import CrossCoder
 from .analyze_config import AnalyzeConfig, find_ground_truth, load_run, resolve_cache
+from .blocks import block_layout
+from .multi import is_classic_pair, pattern_counts, two_model_extras
+from .patterns import presence_ratio_for_band
 from .summary_text import SPACE_NOTE, _class_note, _json_safe, _layout_note, format_layout
 
 # Rows the architecture's own analysis metrics (Architecture.analysis_metrics) are computed on.
@@ -61,20 +68,12 @@ def _tokenizer(spec: str | None, say: Any) -> Any:
         return None
 
 
-def run_spliced(
-    cfg: AnalyzeConfig,
-    model: CrossCoder,
-    meta: dict[str, Any],
-    base_spec: str,
-    ft_spec: str,
-    site: str,
-    tok: Any,
-    say: Any,
-) -> dict[str, Any]:
-    """Spliced-in evaluation on held-out sequences (``--eval-data``, else the cache's dataset after the
-    sequences it was collected from)."""
-    from ..data.collect import load_site_model
-    from .spliced import heldout_sequences, spliced_eval
+def eval_sequences(
+    cfg: AnalyzeConfig, meta: dict[str, Any], tok: Any, say: Any
+) -> tuple[list[Any], dict[str, Any]]:
+    """Held-out sequences for the spliced-in evaluation (``--eval-data``, else the cache's dataset after the
+    sequences it was collected from) and ``{"dataset", "skip", "held_out"}``."""
+    from .spliced import heldout_sequences
 
     col = meta.get("collect") or {}
     seq_len = int(col.get("seq_len") or 128)
@@ -95,12 +94,30 @@ def run_spliced(
         )
         all_seqs = heldout_sequences(dataset, tok, seq_len, 10**9, 0, column, bool(col.get("pack", True)))
         seqs, held_out = all_seqs[-cfg.eval_sequences :], False
+    return seqs, {"dataset": dataset, "skip": skip, "held_out": held_out}
+
+
+def run_spliced(
+    cfg: AnalyzeConfig,
+    model: CrossCoder,
+    meta: dict[str, Any],
+    base_spec: str,
+    ft_spec: str,
+    site: str,
+    tok: Any,
+    say: Any,
+) -> dict[str, Any]:
+    """Spliced-in evaluation of the two models on held-out sequences (:func:`eval_sequences`)."""
+    from ..data.collect import load_site_model
+    from .spliced import spliced_eval
+
+    seqs, where = eval_sequences(cfg, meta, tok, say)
     dev = torch.device(cfg.device)
     base = load_site_model(base_spec, site, tokenizer=tok, device=dev)
     ft = load_site_model(ft_spec, site, tokenizer=tok, device=dev)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     res = spliced_eval(model.to(dev), base, ft, seqs, pad, tok.bos_token_id, cfg.eval_batch_size)
-    res.update(dataset=dataset, skip=skip, held_out=held_out, site=site)
+    res.update(**where, site=site)
     return res
 
 
@@ -122,8 +139,10 @@ def analyze(cfg: AnalyzeConfig, say: Any = _say_default) -> dict[str, Any]:
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise CrossCoderError(f"{out}: exists and is not empty; pass --overwrite to replace it")
     model, run_cfg = load_run(cfg.run_dir)
-    if model.cfg.n_models != 2:
-        raise CrossCoderError(f"{cfg.run_dir}: model diffing needs a two-model crosscoder")
+    if cfg.compare_to and model.cfg.n_models != 2:
+        raise CrossCoderError(
+            f"--compare-to: needs a two-model crosscoder (this one has {model.cfg.n_models} blocks)"
+        )
     other = None
     if cfg.compare_to:  # loaded first: a bad folder fails before the scan
         if not 0.0 < cfg.compare_threshold <= 1.0:
@@ -146,6 +165,13 @@ def analyze(cfg: AnalyzeConfig, say: Any = _say_default) -> dict[str, Any]:
         latent_scaling=cfg.latent_scaling,
     )
     check_mode(cfg.latent_scaling_target)
+    blocks = block_layout(model.cfg, cache.meta)
+    if not is_classic_pair(blocks):  # n models, several sites or mixed widths
+        if cfg.compare_to:
+            raise CrossCoderError("--compare-to: needs two models at one site of one width")
+        from .multi_pipeline import analyze_multi
+
+        return analyze_multi(cfg, model, cache, blocks, t, t0, say)
     dev = torch.device(cfg.device)
     norm = normalised_model(model).to(dev)
     scale = [float(v) for v in model.norm_scale.tolist()]
@@ -172,6 +198,7 @@ def analyze(cfg: AnalyzeConfig, say: Any = _say_default) -> dict[str, Any]:
             + f" ({len(arch_rows):,} tokens)"
         )
     cols = latent_columns(norm, t, stats.result(), scaling.result("ft"), scaling.result("base"))
+    two_model_extras(cols, t)
     layout = model.layout
     n_free = int((cols["kind"] == "free").sum())
     summary: dict[str, Any] = {
@@ -197,6 +224,8 @@ def analyze(cfg: AnalyzeConfig, say: Any = _say_default) -> dict[str, Any]:
             else f"all {h} latents"
         ),
         "dead": int(cols["dead"].sum()),
+        "presence_ratio": presence_ratio_for_band(t.exclusive_band),
+        "pattern_counts": pattern_counts(cols),
         "architecture_metrics": arch_metrics,
         "layout": layout_summary(cols, layout, layout.violations(model.W_enc, model.W_dec, model.norm_scale)),
     }
@@ -268,9 +297,7 @@ def analyze(cfg: AnalyzeConfig, say: Any = _say_default) -> dict[str, Any]:
         say(f"spliced-in evaluation skipped ({summary['spliced_skipped']})")
     spliced = summary["spliced"]
     summary["seconds"] = round(time.perf_counter() - t0, 1)
-    if out.exists() and cfg.overwrite:
-        shutil.rmtree(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replace=True) as tmp:  # an earlier report stays until the new one is complete
         write_table(cols, tmp)
         figs = plots.make_plots(cols, tmp, t, Path(cfg.run_dir))
         info = {

@@ -11,6 +11,10 @@ Reported per planted class:
   ``r = ||d_ft|| / (||d_base|| + ||d_ft||)`` below ``exclusive_band`` (base_only) or above
   ``1 - exclusive_band`` (ft_only): ``crosscoder analyze``'s decoder-norm rule with its default thresholds
   for the architecture (``analysis/table.py``; Latent Scaling, which needs data, is not applied here).
+
+For any number of models, :func:`pattern_recovery` scores whether each planted feature's best latent has
+the planted presence subset (``GroundTruth.patterns``) as its presence pattern
+(:mod:`crosscoder.analysis.patterns`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 import torch
 
 from ..data.synthetic import CLASSES, GroundTruth
+from ..errors import CrossCoderError
 from ..model import CrossCoder
 from .table import Thresholds, decoder_metrics, norm_classes, thresholds_for
 
@@ -103,12 +108,128 @@ def format_recovery(rec: dict[str, Any]) -> str:
 
 @torch.no_grad()
 def planted_cosines(model: CrossCoder, gt: GroundTruth) -> torch.Tensor:
-    """``[d_latent, n_features]`` cosine of each latent's concatenated decoder with each planted vector
-    (both in the crosscoder's normalised space)."""
+    """``[d_latent, n_features]`` cosine of each latent's concatenated decoder ``[n_models * d_model]`` with
+    each planted vector (both in the crosscoder's normalised space), for any number of models.
+
+    The planted vector is zero in the models that lack the feature, so the cosine is the match over the
+    models where it is present, lowered by whatever decoder norm the latent puts in the other models."""
+    m = model.cfg.n_models
+    if gt.n_models != m or gt.dirs.shape[-1] != model.cfg.d_model:
+        raise CrossCoderError(
+            f"ground truth has {gt.n_models} models of width {gt.dirs.shape[-1]}, the crosscoder "
+            f"{m} of width {model.cfg.d_model}"
+        )
     scale = model.norm_scale.detach().cpu().float()
     planted = (gt.vectors() * scale[None, :, None]).reshape(len(gt.classes), -1)
     dec = (model.W_dec.detach().cpu().float() * scale[None, :, None]).reshape(model.cfg.d_latent, -1)
     return torch.nn.functional.normalize(dec, dim=-1) @ torch.nn.functional.normalize(planted, dim=-1).T
+
+
+def latent_patterns(model: CrossCoder, band: float | None = None) -> np.ndarray:
+    """``[d_latent]`` presence pattern of each latent (``"0+2"``) from its decoder norms in the normalised
+    space, as the analysis' ``pattern`` column: present in model ``i`` when its norm is at least
+    ``presence_ratio_for_band(band)`` times the largest (``band``: the architecture's ``exclusive_band``)."""
+    from ..model import ARCHITECTURES
+    from .patterns import model_norms, pattern_strings, presence, presence_ratio_for_band
+
+    if band is None:
+        band = ARCHITECTURES[model.cfg.arch].exclusive_band
+    with torch.no_grad():
+        norms = model.dec_norms().detach().cpu().double().numpy()
+    present = presence(model_norms(norms, model.cfg.block_models), presence_ratio_for_band(band))
+    return pattern_strings(present)
+
+
+def pattern_recovery(
+    model: CrossCoder,
+    gt: GroundTruth,
+    patterns: Any = None,
+    min_cos: float = 0.7,
+    band: float | None = None,
+) -> dict[str, Any]:
+    """Whether the crosscoder found each planted feature in the right subset of models.
+
+    For planted feature ``i`` its best latent is the one of highest :func:`planted_cosines`; the feature is
+    **found** when that cosine is at least ``min_cos`` and **recovered** when it is found and the latent's
+    presence pattern equals the planted subset ``gt.patterns[i]``. Latent patterns are ``patterns``
+    (``[d_latent]`` strings, e.g. the analysis table's ``pattern`` column, in latent order) when given,
+    else :func:`latent_patterns` (``band`` overrides the architecture's ``exclusive_band``). Returns:
+
+    * ``pattern_recovery``: fraction of planted features recovered; ``pattern_match``: fraction whose best
+      latent has the planted pattern whatever its cosine; ``found``: fraction found; ``mmcs``: mean over
+      features of the best cosine;
+    * ``per_pattern``: for each planted pattern, ``n``, ``recovered``, ``found``, ``mmcs`` and ``called``
+      (how many of its found features' best latents have each pattern);
+    * ``per_class``: ``n``, ``recovered``, ``mmcs`` per planted class; ``min_cos``, ``presence_ratio``.
+    """
+    from .patterns import presence_ratio_for_band
+
+    cos = planted_cosines(model, gt)
+    best_cos, best = (t.numpy() for t in cos.max(0))  # per feature
+    if patterns is None:
+        lat = latent_patterns(model, band)
+    else:
+        lat = np.asarray(["" if p is None else str(p) for p in patterns], dtype=object)
+        if len(lat) != model.cfg.d_latent:
+            raise CrossCoderError(f"patterns: {len(lat)} given for {model.cfg.d_latent} latents")
+    planted = np.asarray(gt.patterns, dtype=object)
+    called = lat[best]
+    found = best_cos >= min_cos
+    right = called == planted
+    ok = found & right
+    if band is None:
+        from ..model import ARCHITECTURES
+
+        band = ARCHITECTURES[model.cfg.arch].exclusive_band
+    out: dict[str, Any] = {
+        "pattern_recovery": float(ok.mean()),
+        "pattern_match": float(right.mean()),
+        "found": float(found.mean()),
+        "mmcs": float(best_cos.mean()),
+        "min_cos": min_cos,
+        "presence_ratio": None if patterns is not None else presence_ratio_for_band(band),
+        "n_features": len(planted),
+    }
+    per: dict[str, Any] = {}
+    for p in sorted(set(planted), key=lambda s: (s.count("+"), s)):
+        idx = planted == p
+        calls: dict[str, int] = {}
+        for c in called[idx & found]:
+            calls[c] = calls.get(c, 0) + 1
+        per[p] = {
+            "n": int(idx.sum()),
+            "recovered": float(ok[idx].mean()),
+            "found": float(found[idx].mean()),
+            "mmcs": float(best_cos[idx].mean()),
+            "called": dict(sorted(calls.items(), key=lambda kv: -kv[1])),
+        }
+    out["per_pattern"] = per
+    classes = np.asarray(gt.classes, dtype=object)
+    out["per_class"] = {
+        c: {
+            "n": int((classes == c).sum()),
+            "recovered": float(ok[classes == c].mean()),
+            "mmcs": float(best_cos[classes == c].mean()),
+        }
+        for c in dict.fromkeys(gt.classes)
+    }
+    return out
+
+
+def format_pattern_recovery(res: dict[str, Any]) -> str:
+    """Human-readable lines of :func:`pattern_recovery`."""
+    lines = [
+        f"presence patterns of the planted features: {100 * res['pattern_recovery']:.1f}% recovered "
+        f"(best latent at cosine >= {res['min_cos']} with the planted pattern), {100 * res['found']:.1f}% "
+        f"found, MMCS {res['mmcs']:.3f}"
+    ]
+    for p, r in res["per_pattern"].items():
+        wrong = {c: k for c, k in r["called"].items() if c != p}
+        s = f"  {p:<16} n={r['n']:<4} recovered {100 * r['recovered']:5.1f}%  mmcs {r['mmcs']:.3f}"
+        if wrong:
+            s += "  called " + ", ".join(f"{c or '-'} x{k}" for c, k in wrong.items())
+        lines.append(s)
+    return "\n".join(lines)
 
 
 def classification_scores(

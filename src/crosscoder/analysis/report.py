@@ -16,6 +16,7 @@ import base64
 import html
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ TABLE_COLUMNS = (
     "cos_sim",
     "dec_norm_base",
     "dec_norm_ft",
+    "pattern",
     "freq",
     "mean_act",
     "beta_ratio_error",
@@ -50,6 +52,8 @@ TABLE_COLUMNS = (
     "match_cos",
     "match_class",
 )
+CLASS_OPTIONS = ("base_only", "shared", "ft_only", "other")
+FLAG_OPTIONS = ("complete_shrinkage", "latent_decoupling", "scaling_undefined", "too_rare", "dead")
 LAYOUT_COLUMNS = ("kind", "layout_check", "layout_nu_error", "layout_nu_reconstruction")
 
 
@@ -71,10 +75,10 @@ def _clean(v: Any) -> Any:
     return v
 
 
-def table_rows(cols: dict[str, np.ndarray]) -> dict[str, Any]:
+def table_rows(cols: dict[str, np.ndarray], columns: Sequence[str] = TABLE_COLUMNS) -> dict[str, Any]:
     """Column-major table data for the page: ``{"columns": [...], "rows": [[...], ...]}``."""
     free_only = "kind" in cols and bool(np.all(cols["kind"] == "free"))  # no layout: no layout columns shown
-    names = [c for c in TABLE_COLUMNS if c in cols and not (free_only and c in LAYOUT_COLUMNS)]
+    names = [c for c in columns if c in cols and not (free_only and c in LAYOUT_COLUMNS)]
     rows = [
         [_clean(cols[c][i].item() if hasattr(cols[c][i], "item") else cols[c][i]) for c in names]
         for i in range(len(cols["latent"]))
@@ -222,6 +226,10 @@ def _comparison_table(cmp: dict[str, Any]) -> str:
 
 
 def _spliced_table(sp: dict[str, Any]) -> str:
+    if "models" in sp:  # n models / several sites
+        from .multi_report import spliced_table_multi
+
+        return spliced_table_multi(sp)
     keys = ("ce_clean", "ce_spliced", "ce_zero", "frac_recovered", "kl_spliced", "kl_zero")
     head = "<tr><th>model</th>" + "".join(f"<th>{k}</th>" for k in keys) + "</tr>"
     body = "".join(
@@ -253,12 +261,20 @@ def render_report(
     notes: list[str] | None = None,
     layout: dict[str, Any] | None = None,
     comparison: dict[str, Any] | None = None,
+    counts_html: str | None = None,
+    sections: Sequence[tuple[str, str]] = (),
+    columns: Sequence[str] = TABLE_COLUMNS,
+    class_names: Sequence[str] = CLASS_OPTIONS,
+    flags: Sequence[str] = FLAG_OPTIONS,
 ) -> Path:
     """Write the page to ``path`` (atomically). ``layout``: :func:`~crosscoder.analysis.table.layout_summary`
-    (a constrained crosscoder); ``comparison``: :func:`~crosscoder.analysis.compare.compare_runs`' summary."""
+    (a constrained crosscoder); ``comparison``: :func:`~crosscoder.analysis.compare.compare_runs`' summary.
+    For n models (:mod:`crosscoder.analysis.multi_report`): ``counts_html`` replaces the class table,
+    ``sections`` ``(title, html)`` follow it, ``columns`` are the latent table's columns, ``class_names``
+    and ``flags`` the filter choices."""
     from ..io import atomic_path
 
-    data = {"table": table_rows(cols), "contexts": {str(k): v for k, v in contexts.items()}}
+    data = {"table": table_rows(cols, columns), "contexts": {str(k): v for k, v in contexts.items()}}
     payload = json.dumps(_clean(data), separators=(",", ":")).replace("</", "<\\/")
     opts = lambda vals: "<option value=''>all</option>" + "".join(f"<option>{v}</option>" for v in vals)  # noqa: E731
     figs = "".join(_img(p) for p in figures.values())
@@ -273,8 +289,10 @@ def render_report(
         "crosscoder's normalised training space: the saved (folded) weights are unfolded with the "
         "recorded norm_scale factors.</p>",
         "<h3>Latent classes" + (" (free latents only)" if layout else "") + "</h3>",
-        _counts_table(counts),
+        counts_html if counts_html is not None else _counts_table(counts),
     ]
+    for head, body in sections:
+        parts += [f"<h3>{html.escape(head)}</h3>", body]
     if layout:
         parts += ["<h3>Latent layout (classes by construction)</h3>", _layout_table(layout)]
     if comparison:
@@ -294,19 +312,16 @@ def render_report(
         "<h2>Figures</h2>",
         f"<div class='figs'>{figs}</div></div>",
         "<h2 id='latents-section'>Latents</h2><div id='controls'>",
-        "<label>class <select id='f-class'>"
-        f"{opts(('base_only', 'shared', 'ft_only', 'other'))}</select></label>",
-        "<label>class by norm <select id='f-norm'>"
-        f"{opts(('base_only', 'shared', 'ft_only', 'other'))}</select></label>",
+        f"<label>class <select id='f-class'>{opts(class_names)}</select></label>",
+        f"<label>class by norm <select id='f-norm'>{opts(class_names)}</select></label>",
+        "<label>pattern <input id='f-pattern' style='width:70px'></label>" if "pattern" in cols else "",
         (
             "<label>kind <select id='f-kind'>"
             f"{opts(('free', 'designated_shared', 'base_only', 'ft_only'))}</select></label>"
             if layout
             else ""
         ),
-        "<label>flag <select id='f-flag'>"
-        f"{opts(('any', 'complete_shrinkage', 'latent_decoupling', 'scaling_undefined', 'too_rare', 'dead'))}"
-        "</select></label>",
+        f"<label>flag <select id='f-flag'>{opts(('any', *flags))}</select></label>",
         "<label>min freq <input id='f-freq' type='number' step='0.0001' value='0' "
         "style='width:80px'></label>",
         "<label>latent # <input id='f-latent' style='width:70px'></label>",

@@ -29,7 +29,7 @@ background:#f4f4f4;cursor:pointer;user-select:none}
 #latents tr:hover td{background:#fffbe6}#latents tr.sel td{background:#ffe9a8}
 .k-base_only{color:#1f77b4}.k-ft_only{color:#d62728}.k-designated_shared{color:#2ca02c}
 .c-base_only{color:#1f77b4;font-weight:600}.c-ft_only{color:#d62728;font-weight:600}.c-shared{color:#2ca02c}\
-.c-other{color:#888}
+.c-other{color:#888}.c-exclusive{color:#d62728;font-weight:600}.c-partial{color:#9467bd;font-weight:600}
 .card{border:1px solid #ccc;border-radius:6px;padding:8px 12px;margin:8px 0;font-size:13px}
 .ctx{font-family:ui-monospace,Menlo,Consolas,monospace;white-space:pre-wrap;margin:3px 0;padding:2px 4px;\
 background:#fafafa;font-size:12px}
@@ -41,7 +41,7 @@ JS = """
 (function(){
 const D=JSON.parse(document.getElementById('report-data').textContent);
 const cols=D.table.columns, rows=D.table.rows, ci={}; cols.forEach((c,i)=>ci[c]=i);
-let sortCol=ci['relative_norm'], sortDir=-1, view=[];
+let sortCol=ci['relative_norm']!==undefined?ci['relative_norm']:ci['pattern'], sortDir=-1, view=[];
 const fmt=v=>v===null||v===undefined?'':(typeof v==='number'&&!Number.isInteger(v)?v.toPrecision(4):\
 String(v));
 function esc(s){return String(s).replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));}
@@ -52,9 +52,10 @@ th.onclick=()=>{sortDir=(i===sortCol)?-sortDir:-1;sortCol=i;render();};tr.append
 function filtered(){const ke=document.getElementById('f-kind'), kd=ke?ke.value:'';
  const cls=document.getElementById('f-class').value, nc=document.getElementById('f-norm').value,
  fl=document.getElementById('f-flag').value, mf=parseFloat(document.getElementById('f-freq').value)||0,
- q=document.getElementById('f-latent').value.trim(), alive=document.getElementById('f-alive').checked;
+ q=document.getElementById('f-latent').value.trim(), alive=document.getElementById('f-alive').checked,
+ pe=document.getElementById('f-pattern'), pt=pe?pe.value.trim():'';
  return rows.filter(r=>(!cls||r[ci['class']]===cls)&&(!nc||r[ci['norm_class']]===nc)\
-&&(!kd||r[ci['kind']]===kd)&&(!fl||(fl==='any'?r[ci['flag']]!=='':r[ci['flag']]===fl))
+&&(!kd||r[ci['kind']]===kd)&&(!fl||(fl==='any'?r[ci['flag']]!=='':r[ci['flag']]===fl))&&(!pt||r[ci['pattern']]===pt)
   &&((r[ci['freq']]||0)>=mf)&&(!alive||!r[ci['dead']])&&(!q||String(r[ci['latent']]).startsWith(q)));}
 function render(){head();view=filtered();view.sort((a,b)=>{const x=a[sortCol],y=b[sortCol];if(x===y)return 0;\
 if(x===null)return 1;if(y===null)return -1;return (x<y?-1:1)*sortDir;});
@@ -79,16 +80,18 @@ function card(l){const r=rows.find(x=>x[ci['latent']]===l);if(!r)return '';const
 r[ci['class']]+'</span>'+(r[ci['flag']]?' (flag: '+r[ci['flag']]+')':'')+
  '<div class="meta">'+['kind','relative_norm','delta_norm','cos_sim','dec_norm_base','dec_norm_ft','freq',\
 'mean_act','beta_ratio_error','beta_ratio_reconstruction','layout_check','layout_nu_error',\
-'layout_nu_reconstruction','planted_class','planted_cos','match_latent','match_cos','match_class']
+'layout_nu_reconstruction','planted_class','planted_cos','match_latent','match_cos','match_class','pattern',\
+'norm_class','ls_model'].concat(cols.filter(c=>/^(dec_norm_\\d+|nu_error_\\d+)$/.test(c)))
  .filter(c=>c in ci).map(c=>c+' '+esc(fmt(r[ci[c]]))).join(' &middot; ')+'</div>';
  if(ctx===undefined)h+='<div class="meta">no contexts stored for this latent (see max_cards)</div>';
  else if(!ctx.length)h+='<div class="meta">never fired on the scanned tokens</div>';
  else h+=ctx.map(c=>'<div class="ctx">'+ctxHtml(c)+'</div><div class="meta">act '+fmt(c.act)+\
 ' &middot; row '+c.row+' seq '+c.seq+' pos '+c.pos+
-  ' &middot; projection on the latent direction: base '+fmt(c.proj_base)+\
-', fine-tuned '+fmt(c.proj_ft)+'</div>').join('');
+  ' &middot; projection on the latent direction: '+(c.proj?'per block (ls_model decoder) '+\
+c.proj.map(fmt).join(', '):\
+'base '+fmt(c.proj_base)+', fine-tuned '+fmt(c.proj_ft))+'</div>').join('');
  return h+'</div>';}
-['f-class','f-norm','f-kind','f-flag','f-freq','f-latent','f-alive','f-limit','f-cards'].forEach(id=>{\
+['f-class','f-norm','f-kind','f-flag','f-pattern','f-freq','f-latent','f-alive','f-limit','f-cards'].forEach(id=>{\
 const e=document.getElementById(id);if(e){e.oninput=render;e.onchange=render;}});
 render();
 if(location.hash==='#table'){document.body.classList.add('table-view');\

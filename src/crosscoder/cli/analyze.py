@@ -1,4 +1,7 @@
-"""``crosscoder analyze RUN_DIR (--cache CACHE | --base-data A --ft-data B) --out REPORT_DIR``."""
+"""``crosscoder analyze RUN_DIR (--cache CACHE | --base-data A --ft-data B) --out REPORT_DIR``.
+
+Two models at one site get the base/fine-tuned diffing report; n models, several sites or mixed widths
+get the presence-pattern report (docs/analysis.md, "Several models, sites and checkpoints")."""
 
 from __future__ import annotations
 
@@ -7,7 +10,8 @@ import argparse
 NAME = "analyze"
 HELP = (
     "Model-diffing report of a trained crosscoder: latent table (relative norm, delta norm, cosine, "
-    "classes, frequencies, Latent Scaling), top contexts, spliced-in CE/KL, plots and report.html."
+    "classes, frequencies, Latent Scaling; for n models presence patterns), top contexts, spliced-in "
+    "CE/KL, plots and report.html."
 )
 
 
@@ -41,6 +45,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     m.add_argument("--base-model", help="base model (hub id or folder); its tokenizer decodes the contexts")
     m.add_argument("--ft-model", help="fine-tuned model")
+    m.add_argument(
+        "--models",
+        nargs="+",
+        metavar="SPEC",
+        help="three or more models, or models read at several sites: one spec per model in the "
+        "crosscoder's order (hub id, folder or repo@revision; default: the cache's models)",
+    )
     m.add_argument("--site", help="module whose output the crosscoder reconstructs (default: the run's site)")
     m.add_argument(
         "--eval-data",
@@ -128,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         ground_truth=args.ground_truth,
         base_model=args.base_model,
         ft_model=args.ft_model,
+        models=args.models,
         site=args.site,
         eval_data=args.eval_data,
         eval_sequences=args.eval_sequences,

@@ -1,23 +1,35 @@
-"""``crosscoder collect``: paired activations of a base and a fine-tuned model at one site -> a
-paired cache."""
+"""``crosscoder collect``: aligned activations of n models (``--model`` repeated, or the two-model
+``--base-model``/``--ft-model``) at one or several sites -> a paired cache."""
 
 from __future__ import annotations
 
 import argparse
 
 NAME = "collect"
-HELP = "collect paired activations (base + fine-tuned model, one site) into a paired cache"
+HELP = "collect aligned activations of two or more models at one or more sites into a paired cache"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
-    a("--base-model", required=True, metavar="ID_OR_PATH", help="base model: hub id or local folder")
-    a("--ft-model", required=True, metavar="ID_OR_PATH", help="fine-tuned model: hub id or local folder")
+    a(
+        "--model",
+        dest="models",
+        action="append",
+        default=None,
+        metavar="SPEC",
+        help="a model: hub id, local folder or REPO@REVISION; repeat for each model, the reference "
+        "(whose tokenizer feeds all) first",
+    )
+    a("--base-model", metavar="SPEC", help="two-model spelling: base model (= the first --model)")
+    a("--ft-model", metavar="SPEC", help="two-model spelling: fine-tuned model (= the second --model)")
     a(
         "--site",
+        dest="sites",
+        action="append",
         required=True,
         metavar="MODULE_PATH",
-        help="module whose output is read, e.g. model.layers.13 (`crosscoder sites MODEL` lists them)",
+        help="module whose output is read, e.g. model.layers.13 (`crosscoder sites MODEL` lists them); "
+        "repeat to read several (blocks are model-major: model 0 at every site, then model 1, ...)",
     )
     a(
         "--dataset",
@@ -49,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--chat-template",
         default="none",
         choices=("base", "ft", "none"),
-        help="render a `messages` column with the base or fine-tuned tokenizer's chat template",
+        help="render a `messages` column with the chat template of the first (base) or second (ft) model",
     )
     a(
         "--pack",
@@ -60,17 +72,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a(
         "--allow-tokenizer-mismatch",
         action="store_true",
-        help="continue when the two tokenizers disagree (the base tokenizer feeds both models)",
+        help="continue when the tokenizers disagree (the reference tokenization feeds every model)",
     )
     a(
         "--max-norm-ratio",
         type=float,
         default=None,
-        help="drop a position for both models when either norm exceeds this ratio to the running median",
+        help="drop a position for every model when any block's norm exceeds this ratio to its running median",
     )
     a("--trust-remote-code", action="store_true", help="pass trust_remote_code to transformers")
-    a("--base-revision", default=None, help="hub revision of the base model")
-    a("--ft-revision", default=None, help="hub revision of the fine-tuned model")
+    a("--base-revision", default=None, help="hub revision of the base (first) model")
+    a("--ft-revision", default=None, help="hub revision of the fine-tuned (second) model")
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     a("--shard-mb", type=float, default=256.0, help="size of one shard in MB (default: 256)")
     a("--threads", type=int, default=1, help="torch CPU threads (default: 1)")

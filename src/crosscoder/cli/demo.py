@@ -1,7 +1,8 @@
 """``crosscoder demo``: the whole pipeline offline, in a few minutes on a laptop CPU.
 
-1. build (once, cached) a small GPT-2 pretrained on standard-library prose and a copy fine-tuned on
-   standard-library code (:mod:`crosscoder.data.demo_pair`);
+1. build (once, cached) a small GPT-2 pretrained on standard-library prose and a copy briefly
+   fine-tuned on standard-library code (:mod:`crosscoder.data.demo_pair`; the same build also holds
+   checkpoints of the pretraining, a second fine-tune on data records and a wider model);
 2. collect paired activations at a middle block into a cache;
 3. train a batchtopk crosscoder on the cache (``--arch vanilla``: the L1 crosscoder);
 4. print the summary: explained variance, L0, and the numbers of base-only / shared / fine-tuned-only
@@ -146,6 +147,7 @@ def run_demo(
             device="cpu",
             progress=progress,
             dead_tokens=min(1_000_000, max(bs, train_tokens // 50)),
+            aux_coeff=1 / 8,  # revives dead latents: 1/32 (the default) left ~20% of them dead here
             l1_coeff=2.0,
         ),
         data=DataConfig(cache=str(cache), verify_cache="size"),
@@ -159,6 +161,9 @@ def run_demo(
     summary = {
         "pair": str(pair.root),
         "pair_eval_loss": pair.info.get("eval_loss"),
+        "others": f"ft2 (base + data records), wide (n_embd {pcfg.wide_embd}, prose), checkpoints/step_{{"
+        + ",".join(p.name.removeprefix("step_") for p in pair.checkpoints)
+        + "}",
         "site": site,
         "cache": str(cache),
         "crosscoder": str(root / "crosscoder"),
@@ -188,9 +193,15 @@ def format_summary(s: dict[str, Any]) -> str:
     ]
     if loss:
         lines.append(
-            f"  eval loss  prose: base {loss.get('base_prose')}, ft {loss.get('ft_prose')}   "
-            f"code: base {loss.get('base_code')}, ft {loss.get('ft_code')}"
+            "  eval loss  "
+            + "   ".join(
+                f"{d}: base {loss.get(f'base_{d}')}, ft {loss.get(f'ft_{d}')}"
+                for d in ("prose", "code", "data")
+                if f"base_{d}" in loss
+            )
         )
+    if s.get("others"):
+        lines.append(f"  also built {s['others']}")
     lines += [
         f"activations  {s['rows']:,} paired tokens at {s['site']} -> {s['cache']}",
         f"crosscoder   {s['crosscoder']}  (load with CrossCoder.from_pretrained)",

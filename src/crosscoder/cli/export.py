@@ -44,7 +44,6 @@ def export_cache(
     """Write ``OUT/<name>`` for each model (``base``, ``ft``; ``model_<i>`` beyond two): a ``save_to_disk``
     dataset with ``column`` (``[d_model]`` vectors), ``token_id``, ``sequence_id`` and ``position``; row ``i``
     is the same token in every dataset. Returns the dataset folders."""
-    import shutil
 
     import datasets
     import numpy as np
@@ -54,20 +53,25 @@ def export_cache(
 
     cache = PairedCache(cache_path, verify="size")
     target = Path(out)
-    if target.exists():
-        if not overwrite:
-            raise DataError(f"{target}: exists (pass --overwrite to replace it)")
-        shutil.rmtree(target)
-    names = ["base", "ft"] if cache.n_models == 2 else [f"model_{i}" for i in range(cache.n_models)]
-    d = cache.d_model
-    features = datasets.Features(
-        {
-            column: datasets.List(datasets.Value(dtype), length=d),
-            "token_id": datasets.Value("int64"),
-            "sequence_id": datasets.Value("int64"),
-            "position": datasets.Value("int64"),
-        }
-    )
+    if target.exists() and not overwrite:
+        raise DataError(f"{target}: exists (pass --overwrite to replace it)")
+    blocks = cache.meta.get("blocks")
+    if blocks and len(cache.meta.get("sites") or [None]) > 1:  # (model, site) blocks
+        names = [f"model_{b['model']}_site_{b['site']}" for b in blocks]
+    else:
+        names = ["base", "ft"] if cache.n_models == 2 else [f"model_{i}" for i in range(cache.n_models)]
+    widths = [int(w) for w in cache.meta.get("d_models") or [cache.d_model] * cache.n_models]
+    features = [
+        datasets.Features(
+            {
+                column: datasets.List(datasets.Value(dtype), length=w),
+                "token_id": datasets.Value("int64"),
+                "sequence_id": datasets.Value("int64"),
+                "position": datasets.Value("int64"),
+            }
+        )
+        for w in widths
+    ]
     np_dtype = np.float32 if dtype == "float32" else np.float16
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
@@ -80,8 +84,15 @@ def export_cache(
 
 
 def _write(
-    cache: Any, target: Path, names: list[str], column: str, features: Any, np_dtype: Any, chunk_rows: int
+    cache: Any,
+    target: Path,
+    names: list[str],
+    column: str,
+    features: list[Any],
+    np_dtype: Any,
+    chunk_rows: int,
 ) -> None:
+    """One dataset per block; block ``m`` keeps its own width (the cache's zero padding is dropped)."""
     import tempfile
 
     import datasets
@@ -91,14 +102,16 @@ def _write(
 
     from ..io import atomic_dir, write_json
 
-    d = cache.d_model
-    with atomic_dir(target) as tmp, tempfile.TemporaryDirectory(dir=tmp) as scratch:
+    widths = [int(w) for w in cache.meta.get("d_models") or [cache.d_model] * cache.n_models]
+    blocks = cache.meta.get("blocks")
+    with atomic_dir(target, replace=True) as tmp, tempfile.TemporaryDirectory(dir=tmp) as scratch:
         for m, name in enumerate(names):
             arrow = Path(scratch) / f"{name}.arrow"
-            writer = ArrowWriter(path=str(arrow), features=features)
+            writer = ArrowWriter(path=str(arrow), features=features[m])
+            d = widths[m]
             for lo in range(0, cache.n_rows, chunk_rows):
                 rows = np.arange(lo, min(lo + chunk_rows, cache.n_rows))
-                acts = cache.read(rows)[:, m].numpy().astype(np_dtype)  # [n, d]
+                acts = cache.read(rows)[:, m, :d].numpy().astype(np_dtype)  # [n, d_m]
                 index = cache.read_index(rows)  # [n, 3]
                 vec = pa.FixedSizeListArray.from_arrays(pa.array(acts.reshape(-1)), d)
                 writer.write_table(
@@ -119,9 +132,13 @@ def _write(
             {
                 "cache": str(cache.path),
                 "rows": cache.n_rows,
-                "d_model": d,
-                "models": dict(zip(names, models, strict=False)),
+                "d_model": cache.d_model,
+                "d_models": dict(zip(names, widths, strict=True)),
+                "models": dict(zip(names, models, strict=False))
+                if not blocks or len(models) == len(names)
+                else {n: models[b["model"]] for n, b in zip(names, blocks, strict=True)},
                 "site": cache.meta.get("site"),
+                "sites": cache.meta.get("sites"),
                 "column": column,
                 "dtype": np.dtype(np_dtype).name,
                 "norm_scale": cache.norm_scale() if cache.stats else None,

@@ -12,7 +12,14 @@ HELP = "Estimate per-rank memory of a training run and the disk of an activation
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--d-model", type=int, required=True)
+    p.add_argument("--d-model", type=int, default=None, help="activation width of every model")
+    p.add_argument(
+        "--d-models",
+        default=None,
+        metavar="W1,W2,...",
+        help="widths of models that differ (e.g. 128,192): sets the model count; narrower ones are padded",
+    )
+    p.add_argument("--n-sites", type=int, default=1, help="sites per model (acausal crosscoder; default 1)")
     p.add_argument("--dict-size", type=int, required=True)
     p.add_argument("--batch-size", type=int, default=4096, help="global batch in tokens (default 4096)")
     p.add_argument("--n-models", type=int, default=2)
@@ -30,7 +37,20 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import CrossCoderError
     from ..train.plan import human, plan
 
-    for name in ("d_model", "dict_size", "batch_size", "n_models", "world_size"):
+    widths = None
+    if args.d_models:
+        try:
+            widths = [int(v) for v in args.d_models.split(",")]
+        except ValueError:
+            raise CrossCoderError(
+                f"--d-models: expected comma-separated widths, got {args.d_models!r}"
+            ) from None
+        if len(widths) < 2 or min(widths) <= 0:
+            raise CrossCoderError(f"--d-models: expected at least two positive widths, got {args.d_models!r}")
+        args.d_model, args.n_models = max(widths), len(widths)
+    elif args.d_model is None:
+        raise CrossCoderError("--d-model: required (or --d-models for models of different widths)")
+    for name in ("d_model", "dict_size", "batch_size", "n_models", "world_size", "n_sites"):
         if getattr(args, name) <= 0:
             raise CrossCoderError(f"--{name.replace('_', '-')}: must be positive")
     pl = plan(
@@ -45,10 +65,18 @@ def run(args: argparse.Namespace) -> int:
         args.world_size,
         args.cache_tokens,
         args.cache_dtype,
+        widths,
+        args.n_sites,
     )
     if args.json:
         print(json.dumps(pl.to_dict()))
         return 0
+    if pl.n_blocks != 2 or pl.padding_fraction:
+        print(
+            f"model axis          {pl.n_blocks} blocks ({args.n_models} models x {args.n_sites} sites) "
+            f"of width {pl.d_model}"
+            + (f", {100 * pl.padding_fraction:.1f}% zero padding" if pl.padding_fraction else "")
+        )
     print(f"parameters          {pl.params:,} ({human(pl.param_bytes)} float32)")
     print(f"gradients           {human(pl.grad_bytes)}")
     print(f"Adam state          {human(pl.optimizer_bytes)}")

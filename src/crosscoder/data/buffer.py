@@ -55,7 +55,7 @@ class Buffer:
                 f"buffer_tokens: {buffer_tokens} must be at least twice the batch size ({batch_size})"
             )
         self.collector, self.sequences = collector, sequences
-        self.n_models = len(collector.models)
+        self.n_models = collector.n_blocks
         self.d_model = collector.d_model
         self.buffer_tokens, self.batch_size, self.model_batch_size = (
             buffer_tokens,
@@ -218,10 +218,8 @@ def buffer_source(cfg: RunConfig, device: str | torch.device) -> Buffer:
     if missing:
         raise DataError("on-the-fly training needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
     device = resolve_device(str(device))
-    tokenizers = {
-        name: load_tokenizer(spec, trust_remote_code=d.trust_remote_code)
-        for name, spec in (("base", d.base_model), ("ft", d.ft_model))
-    }
+    specs = [d.base_model, d.ft_model]
+    tokenizers = [(spec, load_tokenizer(spec, trust_remote_code=d.trust_remote_code)) for spec in specs]
     sequences, tok_info = prepare_stream(
         d.dataset,
         tokenizers,
@@ -232,10 +230,9 @@ def buffer_source(cfg: RunConfig, device: str | torch.device) -> Buffer:
         allow_mismatch=d.allow_tokenizer_mismatch,
     )
     collector = build_collector(
-        d.base_model,
-        d.ft_model,
-        d.site,
-        tokenizer=tokenizers["base"],
+        specs,
+        [d.site],
+        tokenizer=tokenizers[0][1],
         model_dtype=d.model_dtype,
         device=device,
         trust_remote_code=d.trust_remote_code,

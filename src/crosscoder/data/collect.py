@@ -1,15 +1,20 @@
-"""Collect paired activations of a base and a fine-tuned model at one site, through nnsight.
+"""Collect aligned activations of n models (the first is the reference) at one or several sites, through
+nnsight, into a paired cache.
 
 Alignment rules (the same for ``crosscoder collect`` and the on-the-fly buffer):
 
-* ONE tokenization (the base tokenizer's) feeds both models; tokenizers that disagree on a sample are
-  refused (:func:`~crosscoder.data.text.check_tokenizers`);
+* ONE tokenization (the reference model's tokenizer) feeds every model; a tokenizer that disagrees with
+  the reference on a sample is refused (:func:`~crosscoder.data.text.check_tokenizer_set`);
 * batches are left-padded, as nnsight pads, with explicit ``attention_mask`` and ``position_ids`` counted
   from each row's first real token (GPT-2-style models would otherwise shift padded rows);
-* the same positions are kept for both models: padding and BOS positions (any token equal to BOS) are
-  dropped for both, and with ``max_norm_ratio`` a position is dropped for both when either model's norm
-  exceeds ``max_norm_ratio`` times that model's running median norm (last 8192 kept rows);
-* the forward stops after the site (``tracer.stop()``), under ``torch.no_grad()``.
+* the same positions are kept for every model: padding and BOS positions (any token equal to BOS) are
+  dropped for all, and with ``max_norm_ratio`` a position is dropped for all when any block's norm
+  exceeds ``max_norm_ratio`` times that block's running median norm (last 8192 kept rows);
+* one forward per model reads all its sites and stops after the last one (``tracer.stop()``), under
+  ``torch.no_grad()``.
+
+Blocks are (model, site) pairs in model-major order; the cache holds ``[rows, n_blocks, d_model]`` with
+``d_model`` the largest width and narrower blocks zero-padded (``meta.json["d_models"]``).
 
 The models are loaded by :mod:`crosscoder.data.site_model` (``import nnsight`` happens only in
 :func:`~crosscoder.data.site_model.wrap_nnsight`: it costs ~2.4 s), the rows aligned by
@@ -28,7 +33,15 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .collect_config import BYTES, CollectConfig, _check_resume, _gb, disk_estimate, prepare_out  # noqa: F401
+from .collect_config import (  # noqa: F401 - re-exported
+    BYTES,
+    CollectConfig,
+    _check_resume,
+    _gb,
+    disk_estimate,
+    model_record,
+    prepare_out,
+)
 from .pair_collector import NormFilter, PairCollector, build_collector, sequence_slice  # noqa: F401
 from .site_model import (  # noqa: F401 - re-exported: this module's API before the split
     TORCH_DTYPES,
@@ -38,6 +51,7 @@ from .site_model import (  # noqa: F401 - re-exported: this module's API before 
     load_hf_model,
     load_site_model,
     load_tokenizer,
+    parse_model_spec,
     quiet_transformers,
     resolve_device,
     wrap_nnsight,
@@ -68,16 +82,20 @@ def collect(
         raise DataError(f"--dtype: must be one of {', '.join(BYTES)}, got {cfg.dtype!r}")
     if cfg.num_tokens <= 0 or cfg.batch_size <= 0:
         raise DataError("--num-tokens and --batch-size must be positive")
+    specs = cfg.model_specs()  # [(spec as given, revision)], the reference first
+    sites = cfg.site_list()
+    record = model_record(specs, sites)
     torch.set_num_threads(cfg.threads)
     existing = prepare_out(cfg) if cfg.out else None
     if existing is not None and existing.get("complete"):
+        if existing.get("collect"):  # the models and sites at least must be the same
+            _check_resume(existing, record, cfg.out)
         say(f"{cfg.out}: already complete ({existing['n_rows']} rows); nothing to do")
         return {"rows": existing["n_rows"], "complete": True, "resumed": True}
-    tok_b = load_tokenizer(cfg.base_model, cfg.base_revision, cfg.trust_remote_code)
-    tok_f = load_tokenizer(cfg.ft_model, cfg.ft_revision, cfg.trust_remote_code)
+    tokenizers = [(spec, load_tokenizer(spec, rev, cfg.trust_remote_code)) for spec, rev in specs]
     sequences, tok_info = prepare_stream(
         cfg.dataset,
-        {"base": tok_b, "ft": tok_f},
+        tokenizers,
         text_column=cfg.text_column,
         chat_template=cfg.chat_template,
         seq_len=cfg.seq_len,
@@ -88,67 +106,86 @@ def collect(
     )
     device = resolve_device(cfg.device)
     collector = build_collector(
-        cfg.base_model,
-        cfg.ft_model,
-        cfg.site,
-        tokenizer=tok_b,
+        [spec for spec, _ in specs],
+        sites,
+        tokenizer=tokenizers[0][1],
         model_dtype=cfg.model_dtype,
         device=device,
         trust_remote_code=cfg.trust_remote_code,
-        revisions=(cfg.base_revision, cfg.ft_revision),
+        revisions=[rev for _, rev in specs],
         max_norm_ratio=cfg.max_norm_ratio,
     )
-    d_model = collector.d_model
-    est = disk_estimate(cfg.num_tokens, 2, d_model, cfg.dtype)
+    d_models = collector.d_models
+    d_model, n_blocks = max(d_models), len(d_models)
+    est = disk_estimate(cfg.num_tokens, n_blocks, d_model, cfg.dtype, d_models)
     free_dir = Path(cfg.out).resolve() if cfg.out else Path.cwd()
     while not free_dir.exists():
         free_dir = free_dir.parent
     free = shutil.disk_usage(free_dir).free
+    shape = f"{len(specs)} models" + (f" x {len(sites)} sites" if len(sites) > 1 else "")
+    widths = "/".join(map(str, d_models))
+    padded = (
+        f" (widths {widths} zero-padded to {d_model}; real {_gb(est['real_acts_bytes'])})"
+        if len(set(d_models)) > 1
+        else ""
+    )
     say(
-        f"disk estimate: {cfg.num_tokens:,} tokens x 2 models x {d_model} ({cfg.dtype}) = "
-        f"{_gb(est['acts_bytes'])} + index {_gb(est['index_bytes'])} = {_gb(est['total_bytes'])} "
+        f"disk estimate: {cfg.num_tokens:,} tokens x {shape} x {d_model} ({cfg.dtype}) = "
+        f"{_gb(est['acts_bytes'])}{padded} + index {_gb(est['index_bytes'])} = {_gb(est['total_bytes'])} "
         f"(free: {_gb(free)})"
     )
     if est["total_bytes"] > free:
         say("warning: the estimate exceeds the free disk space")
     if cfg.dry_run:
-        return {"dry_run": True, "d_model": d_model, **est, "free_bytes": free}
+        return {"dry_run": True, "d_model": d_model, "d_models": d_models, **est, "free_bytes": free}
 
-    record = {
-        k: getattr(cfg, k)
-        for k in (
-            "base_model",
-            "ft_model",
-            "site",
-            "dataset",
-            "dataset_config",
-            "split",
-            "text_column",
-            "chat_template",
-            "seq_len",
-            "pack",
-            "max_norm_ratio",
-            "model_dtype",
-            "num_tokens",
-            "batch_size",
-        )
-    }
+    record.update(
+        {
+            k: getattr(cfg, k)
+            for k in (
+                "dataset",
+                "dataset_config",
+                "split",
+                "text_column",
+                "chat_template",
+                "seq_len",
+                "pack",
+                "max_norm_ratio",
+                "model_dtype",
+                "num_tokens",
+                "batch_size",
+            )
+        }
+    )
     record["tokenizer_fingerprint"] = tok_info["base"]
     record["dtype"] = cfg.dtype
     if existing is not None:
         _check_resume(existing, record, cfg.out)
     meta = {
         "models": [{"name": m.name, "revision": m.revision} for m in collector.models],
-        "site": cfg.site,
+        "site": sites[0],
+        "sites": sites,
+        "blocks": [{"model": i, "site": j} for i, j in collector.blocks],
+        "d_models": d_models,
         "tokenizer": tok_info,
         "tokenizer_fingerprint": tok_info["base"],
         "collect": record,
         "library_version": __version__,
     }
-    row_bytes = 2 * d_model * BYTES[cfg.dtype] + 24
+    row_bytes = n_blocks * d_model * BYTES[cfg.dtype] + 24
     shard_rows = max(1, int(cfg.shard_mb * 1e6 // row_bytes))
-    writer = PairedCacheWriter(cfg.out, 2, d_model, cfg.dtype, shard_rows=shard_rows, meta=meta)
+    writer = PairedCacheWriter(cfg.out, n_blocks, d_model, cfg.dtype, shard_rows=shard_rows, meta=meta)
     total = writer.rows_written
+    committed = {k: int(v) for k, v in (writer.meta.get("dropped") or {}).items()}
+
+    def commit_dropped(meta: dict[str, Any], index: np.ndarray) -> None:
+        # a shard ending inside sequence s: the drops of the sequences before s are final; s's own are
+        # committed with a later shard (or at the end), and a resume re-reads s from its start
+        for k, c in collector.take_dropped(int(index[-1, 1]) - 1).items():
+            committed[k] = committed.get(k, 0) + c
+        meta["dropped"] = dict(committed)
+
+    writer.on_shard = commit_dropped
     last_seq, last_pos = -1, -1
     if total:
         done = PairedCache(cfg.out, verify="size", require_complete=False)
@@ -184,8 +221,10 @@ def collect(
     if total < cfg.num_tokens:
         say(f"warning: dataset exhausted after {total:,} tokens (asked for {cfg.num_tokens:,})")
     seconds = time.perf_counter() - t0
-    prev = writer.meta.get("dropped", {})
-    dropped = {k: v + int(prev.get(k, 0)) for k, v in collector.dropped.items()}
+    writer.flush()
+    for k, c in collector.take_dropped(n_seq - 1).items():  # every sequence the cache has rows of
+        committed[k] = committed.get(k, 0) + c
+    dropped = dict(committed)
     writer.close(
         {
             "dropped": dropped,
@@ -202,5 +241,6 @@ def collect(
         "seconds": seconds,
         "tokens_per_s": new_rows / max(seconds, 1e-9),
         "d_model": d_model,
+        "d_models": d_models,
         "dropped": dropped,
     }

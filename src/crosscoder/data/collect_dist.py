@@ -1,6 +1,6 @@
 """Sharded collection under ``torchrun``: each rank collects its share, rank 0 merges one cache.
 
-``torchrun --nproc_per_node=N -m crosscoder collect ... --out CACHE``: rank ``r`` loads both models on its
+``torchrun --nproc_per_node=N -m crosscoder collect ... --out CACHE``: rank ``r`` loads every model on its
 own device, tokenizes the same text stream and collects the sequences with ``seq_id % N == r`` into
 ``CACHE/rank_<r>/`` (a complete paired cache of its own, resumable with ``--resume``), with a budget of
 ``ceil(num_tokens / N)`` rows. Rank 0 then moves every rank's shards into ``CACHE`` (renumbered), merges
@@ -33,7 +33,16 @@ def merge_caches(parts: list[Path], out: Path) -> dict[str, Any]:
             raise DataError(f"{p}: rank cache is incomplete; rerun with --resume")
     first = metas[0]
     for p, m in zip(parts[1:], metas[1:], strict=True):
-        for key in ("n_models", "d_model", "dtype", "site", "tokenizer_fingerprint"):
+        for key in (
+            "n_models",
+            "d_model",
+            "d_models",
+            "dtype",
+            "site",
+            "sites",
+            "blocks",
+            "tokenizer_fingerprint",
+        ):
             if m.get(key) != first.get(key):
                 raise DataError(
                     f"{p}/meta.json: {key} differs from rank 0 ({m.get(key)!r} vs {first.get(key)!r})"

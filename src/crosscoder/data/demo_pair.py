@@ -1,22 +1,27 @@
-"""An offline base / fine-tuned model pair, built from text every Python installation has.
+"""Offline demo models: a base GPT-2, its checkpoints, two fine-tunes and a wider sibling.
 
-* prose: the interactive help topics (``pydoc_data.topics``) and the docstrings of the standard library
-  (read with ``ast``, nothing is imported);
-* code: the standard library's own top-level ``.py`` sources.
+Built from text every Python installation has (:mod:`crosscoder.data.demo_text`: stdlib **prose**,
+stdlib **code**, Unicode-database **data** records). :func:`build_demo_pair` trains one byte-level BPE
+tokenizer on all three domains, then
 
-:func:`build_demo_pair` trains a byte-level BPE tokenizer on both, pretrains a small GPT-2 on prose
-(the *base* model), then trains a copy further on code (the *fine-tuned* model), and saves both with
-``save_pretrained`` (each folder loads with ``AutoModelForCausalLM`` / ``AutoTokenizer``). It also writes
-``corpus.jsonl``: the prose and code documents interleaved, held-out ones first, column ``text`` (plus
-``domain`` and ``split``) for collection. Results are cached under
-``${CROSSCODER_CACHE_DIR:-~/.cache/crosscoder}/demo_pair/<hash>`` where the hash covers
-:class:`DemoPairConfig`; a build is written to a temporary folder and renamed, so an interrupted build
-leaves nothing half-done.
+* ``base``: a small GPT-2 pretrained from scratch on prose (``base_steps`` at ``lr``), with evenly
+  spaced checkpoints ``checkpoints/step_<N>`` of that run (the last one is the base model itself);
+* ``ft``: the base model fine-tuned briefly and gently on code (``ft_steps`` at ``ft_lr``);
+* ``ft2``: the same recipe on the data records instead (a contrasting fine-tune);
+* ``wide``: a wider model (``wide_embd``) trained from scratch on the base model's prose
+  (``wide_steps`` at ``wide_lr``; same tokenizer, same depth).
+
+Every model folder is written with ``save_pretrained`` together with the tokenizer (each loads with
+``AutoModelForCausalLM`` / ``AutoTokenizer``). ``corpus.jsonl`` holds the documents of the three
+domains interleaved, held-out ones first: column ``text``, plus ``domain`` (prose, code, data) and
+``split`` (heldout, train). ``info.json`` records steps, learning rates and held-out losses per domain
+of every model. Results are cached under ``${CROSSCODER_CACHE_DIR:-~/.cache/crosscoder}/demo_pair/<hash>``
+where the hash covers :class:`DemoPairConfig` and :data:`DEMO_VERSION`; a build is written to a
+temporary folder and renamed, so an interrupted build leaves nothing half-done.
 """
 
 from __future__ import annotations
 
-import ast
 import copy
 import dataclasses
 import hashlib
@@ -24,7 +29,6 @@ import json
 import math
 import os
 import random
-import sysconfig
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,8 +38,23 @@ from typing import Any
 import torch
 
 from ..io import atomic_dir
+from .demo_text import DOMAINS, code_documents, data_documents, prose_documents
 
-DEMO_VERSION = 1
+__all__ = [
+    "DEMO_VERSION",
+    "SMALL",
+    "DemoPair",
+    "DemoPairConfig",
+    "build_demo_pair",
+    "cache_dir",
+    "code_documents",
+    "data_documents",
+    "eval_loss",
+    "prose_documents",
+    "train_tokenizer",
+]
+
+DEMO_VERSION = 2
 SPECIAL = "<|endoftext|>"
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
@@ -45,7 +64,8 @@ CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class DemoPairConfig:
-    """Sizes of the demo pair. The defaults build in 2-3 minutes on a 2-core CPU (1 thread)."""
+    """Sizes of the demo models. The defaults build in under 3 minutes on a 2-core CPU (2 threads;
+    about 4 minutes on 1)."""
 
     vocab_size: int = 1024
     n_layer: int = 4
@@ -53,12 +73,17 @@ class DemoPairConfig:
     n_head: int = 4
     seq_len: int = 64
     batch_size: int = 32
-    base_steps: int = 160
-    ft_steps: int = 160
+    base_steps: int = 400
     lr: float = 3e-3
-    ft_lr: float = 3e-3
+    ft_steps: int = 100  # each fine-tune (ft: code, ft2: data)
+    ft_lr: float = 5e-4
+    n_checkpoints: int = 4  # evenly spaced base checkpoints, the last one = the base model
+    wide_embd: int = 192
+    wide_steps: int = 160
+    wide_lr: float = 1.5e-3  # the wider model trains better at a lower rate
     prose_chars: int = 1_200_000
     code_chars: int = 1_200_000
+    data_chars: int = 600_000
     heldout_frac: float = 0.1
     seed: int = 0
 
@@ -66,8 +91,13 @@ class DemoPairConfig:
         payload = json.dumps({"version": DEMO_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
+    def checkpoint_steps(self) -> list[int]:
+        """Base-pretraining steps saved as ``checkpoints/step_<N>``, ascending (the last: ``base_steps``)."""
+        n = max(1, self.n_checkpoints)
+        return sorted({max(1, round(self.base_steps * i / n)) for i in range(1, n + 1)})
 
-# A pair small enough for tests: builds in a few seconds.
+
+# Models small enough for tests: everything builds in a few seconds.
 SMALL = DemoPairConfig(
     vocab_size=384,
     n_layer=2,
@@ -75,106 +105,40 @@ SMALL = DemoPairConfig(
     n_head=2,
     seq_len=32,
     batch_size=8,
-    base_steps=30,
-    ft_steps=30,
+    base_steps=40,
+    ft_steps=12,
+    ft_lr=1e-3,
+    wide_embd=48,
+    wide_steps=30,
+    wide_lr=3e-3,
     prose_chars=120_000,
     code_chars=120_000,
+    data_chars=60_000,
     heldout_frac=0.3,
 )
 
 
 @dataclass
 class DemoPair:
-    """Paths of a built pair: ``base`` and ``ft`` model folders (tokenizer included), ``corpus`` jsonl."""
+    """Paths of a build: model folders (tokenizer included), ``corpus`` jsonl, and ``info.json``'s content.
+
+    ``base`` (prose), ``ft`` (base + code), ``ft2`` (base + data), ``wide`` (wider, prose, from scratch),
+    ``checkpoints``: the base pretraining's ``checkpoints/step_<N>`` folders by step (the last = base).
+    """
 
     root: Path
     base: Path
     ft: Path
     corpus: Path
     info: dict[str, Any]
+    ft2: Path
+    wide: Path
+    checkpoints: list[Path]
 
 
 def cache_dir() -> Path:
     """``$CROSSCODER_CACHE_DIR`` or ``~/.cache/crosscoder``."""
     return Path(os.environ.get("CROSSCODER_CACHE_DIR") or Path.home() / ".cache" / "crosscoder")
-
-
-# ---------------------------------------------------------------------------------------------- text
-def _stdlib_files() -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in root.glob("*.py") if p.is_file())
-
-
-def prose_documents(max_chars: int) -> list[str]:
-    """Help topics, then module/class/function docstrings longer than 80 characters."""
-    import pydoc_data.topics
-
-    docs = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
-    total = sum(len(d) for d in docs)
-    for f in _stdlib_files():
-        if total >= max_chars:
-            break
-        try:
-            tree = ast.parse(f.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                d = ast.get_docstring(node)
-                if d and len(d) > 80:
-                    docs.append(d)
-                    total += len(d)
-    return _cap([c for d in docs for c in _paragraph_chunks(d)], max_chars)
-
-
-def _paragraph_chunks(text: str, chunk_chars: int = 1500) -> list[str]:
-    """Split at blank lines into pieces of about ``chunk_chars`` (a long paragraph stays whole)."""
-    out, cur, size = [], [], 0
-    for para in text.split("\n\n"):
-        cur.append(para)
-        size += len(para) + 2
-        if size >= chunk_chars:
-            out.append("\n\n".join(cur))
-            cur, size = [], 0
-    if cur and size > 80:
-        out.append("\n\n".join(cur))
-    return out
-
-
-def code_documents(max_chars: int, chunk_chars: int = 1500) -> list[str]:
-    """Standard-library sources cut at line boundaries into documents of about ``chunk_chars``."""
-    docs: list[str] = []
-    total = 0
-    for f in _stdlib_files():
-        if total >= max_chars:
-            break
-        try:
-            lines = f.read_text(encoding="utf-8").splitlines(keepends=True)
-        except (UnicodeDecodeError, OSError):
-            continue
-        cur: list[str] = []
-        size = 0
-        for line in lines:
-            cur.append(line)
-            size += len(line)
-            if size >= chunk_chars:
-                docs.append("".join(cur))
-                total += size
-                cur, size = [], 0
-        if size > 80:
-            docs.append("".join(cur))
-            total += size
-    return _cap(docs, max_chars)
-
-
-def _cap(docs: list[str], max_chars: int) -> list[str]:
-    out, total = [], 0
-    for d in docs:
-        if total >= max_chars:
-            break
-        out.append(d)
-        total += len(d)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -212,7 +176,17 @@ def _blocks(docs: list[str], tok: Any, seq_len: int) -> torch.Tensor:
     return torch.tensor(seqs, dtype=torch.long)
 
 
-def _train(model: Any, blocks: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int) -> None:
+def _train(
+    model: Any,
+    blocks: torch.Tensor,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    on_step: Callable[[int], None] | None = None,
+) -> None:
+    """AdamW, 10% linear warm-up then cosine decay to 0, on random ``blocks [n, seq_len]``;
+    ``on_step(s)`` after step ``s`` (1-based)."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     warm = max(1, steps // 10)
@@ -220,7 +194,7 @@ def _train(model: Any, blocks: torch.Tensor, steps: int, batch_size: int, lr: fl
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
     model.train()
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         x = blocks[torch.randint(0, len(blocks), (batch_size,), generator=g)]
         loss = model(input_ids=x, labels=x).loss
         opt.zero_grad(set_to_none=True)
@@ -228,16 +202,21 @@ def _train(model: Any, blocks: torch.Tensor, steps: int, batch_size: int, lr: fl
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        if on_step is not None:
+            on_step(step)
     model.eval()
 
 
 @torch.no_grad()
 def eval_loss(model: Any, blocks: torch.Tensor, batch_size: int = 16) -> float:
-    """Mean next-token loss over ``blocks [n, seq_len]``."""
+    """Mean next-token loss over ``blocks [n, seq_len]`` (eval mode; the model's mode is restored)."""
+    was_training = model.training
+    model.eval()
     losses = [
         float(model(input_ids=blocks[i : i + batch_size], labels=blocks[i : i + batch_size]).loss)
         for i in range(0, len(blocks), batch_size)
     ]
+    model.train(was_training)
     return sum(losses) / max(len(losses), 1)
 
 
@@ -248,32 +227,15 @@ def _split(docs: list[str], frac: float, rng: random.Random) -> tuple[list[str],
     return docs[n:], docs[:n]
 
 
-def _build(cfg: DemoPairConfig, out: Path, say: Callable[[str], None]) -> dict[str, Any]:
+# ---------------------------------------------------------------------------------------------- build
+def _gpt2(cfg: DemoPairConfig, tok: Any, n_embd: int, seed: int) -> Any:
     from transformers import GPT2Config, GPT2LMHeadModel
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    t0 = time.perf_counter()
-    rng = random.Random(cfg.seed)
-    prose_train, prose_eval = _split(prose_documents(cfg.prose_chars), cfg.heldout_frac, rng)
-    code_train, code_eval = _split(code_documents(cfg.code_chars), cfg.heldout_frac, rng)
-    tok = train_tokenizer(prose_train + code_train, cfg.vocab_size)
-    say(f"tokenizer: vocab {len(tok)} ({time.perf_counter() - t0:.1f}s)")
-    blocks = {
-        name: _blocks(d, tok, cfg.seq_len)
-        for name, d in (
-            ("prose", prose_train),
-            ("code", code_train),
-            ("prose_eval", prose_eval),
-            ("code_eval", code_eval),
-        )
-    }
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     gcfg = GPT2Config(
         vocab_size=len(tok),
         n_positions=max(cfg.seq_len, 128),
-        n_embd=cfg.n_embd,
+        n_embd=n_embd,
         n_layer=cfg.n_layer,
         n_head=cfg.n_head,
         bos_token_id=tok.bos_token_id,
@@ -282,33 +244,78 @@ def _build(cfg: DemoPairConfig, out: Path, say: Callable[[str], None]) -> dict[s
         embd_pdrop=0.0,
         attn_pdrop=0.0,
     )
-    base = GPT2LMHeadModel(gcfg)
-    _train(base, blocks["prose"], cfg.base_steps, cfg.batch_size, cfg.lr, cfg.seed)
-    say(f"base model: {cfg.base_steps} steps on prose ({time.perf_counter() - t0:.1f}s)")
-    ft = copy.deepcopy(base)
-    _train(ft, blocks["code"], cfg.ft_steps, cfg.batch_size, cfg.ft_lr, cfg.seed + 1)
-    say(f"fine-tuned model: {cfg.ft_steps} more steps on code ({time.perf_counter() - t0:.1f}s)")
-    losses = {
-        f"{m}_{d}": round(eval_loss(model, blocks[f"{d}_eval"][:64]), 4)
-        for m, model in (("base", base), ("ft", ft))
-        for d in ("prose", "code")
-    }
-    for name, model in (("base", base), ("ft", ft)):
+    return GPT2LMHeadModel(gcfg)
+
+
+def _build(cfg: DemoPairConfig, out: Path, say: Callable[[str], None]) -> dict[str, Any]:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    t0 = time.perf_counter()
+    rng = random.Random(cfg.seed)
+    sources = {"prose": prose_documents, "code": code_documents, "data": data_documents}
+    chars = {"prose": cfg.prose_chars, "code": cfg.code_chars, "data": cfg.data_chars}
+    train, held = {}, {}
+    for d in DOMAINS:  # in this order: the prose and code splits are those of DEMO_VERSION 1
+        train[d], held[d] = _split(sources[d](chars[d]), cfg.heldout_frac, rng)
+    tok = train_tokenizer([t for d in DOMAINS for t in train[d]], cfg.vocab_size)
+    say(f"tokenizer: vocab {len(tok)} ({time.perf_counter() - t0:.1f}s)")
+    blocks = {d: _blocks(train[d], tok, cfg.seq_len) for d in DOMAINS}
+    evals = {d: _blocks(held[d], tok, cfg.seq_len)[:64] for d in DOMAINS}
+    models: dict[str, dict[str, Any]] = {}
+
+    def save(name: str, model: Any, **meta: Any) -> None:
         model.save_pretrained(out / name)
         tok.save_pretrained(out / name)
+        loss = {d: round(eval_loss(model, evals[d]), 4) for d in DOMAINS}
+        n_params = sum(p.numel() for p in model.parameters())
+        models[name] = {**meta, "n_embd": model.config.n_embd, "params": n_params, "eval_loss": loss}
+
+    def took() -> str:
+        return f"({time.perf_counter() - t0:.1f}s)"
+
+    base = _gpt2(cfg, tok, cfg.n_embd, cfg.seed)
+    ckpt = cfg.checkpoint_steps()
+
+    def checkpoint(step: int) -> None:
+        if step in ckpt:
+            save(f"checkpoints/step_{step}", base, init="scratch", data="prose", steps=step, lr=cfg.lr)
+
+    _train(base, blocks["prose"], cfg.base_steps, cfg.batch_size, cfg.lr, cfg.seed, on_step=checkpoint)
+    save("base", base, init="scratch", data="prose", steps=cfg.base_steps, lr=cfg.lr)
+    say(f"base model: {cfg.base_steps} steps on prose, checkpoints at {ckpt} {took()}")
+    for i, (name, domain) in enumerate((("ft", "code"), ("ft2", "data")), start=1):
+        model = copy.deepcopy(base)
+        _train(model, blocks[domain], cfg.ft_steps, cfg.batch_size, cfg.ft_lr, cfg.seed + i)
+        save(name, model, init="base", data=domain, steps=cfg.ft_steps, lr=cfg.ft_lr)
+        say(f"{name} model: base + {cfg.ft_steps} steps on {domain} at lr {cfg.ft_lr:g} {took()}")
+        del model
+    wide = _gpt2(cfg, tok, cfg.wide_embd, cfg.seed + 3)
+    _train(wide, blocks["prose"], cfg.wide_steps, cfg.batch_size, cfg.wide_lr, cfg.seed + 3)
+    save("wide", wide, init="scratch", data="prose", steps=cfg.wide_steps, lr=cfg.wide_lr)
+    say(f"wide model: n_embd {cfg.wide_embd}, {cfg.wide_steps} steps on prose {took()}")
     with open(out / "corpus.jsonl", "w") as fh:  # held-out documents first, then the training ones
-        for split, prose, code in (("heldout", prose_eval, code_eval), ("train", prose_train, code_train)):
-            for i in range(max(len(prose), len(code))):
-                for domain, docs in (("prose", prose), ("code", code)):
-                    if i < len(docs):
-                        fh.write(json.dumps({"text": docs[i], "domain": domain, "split": split}) + "\n")
+        for split, docs in (("heldout", held), ("train", train)):
+            for i in range(max(len(v) for v in docs.values())):
+                for domain in DOMAINS:
+                    if i < len(docs[domain]):
+                        row = {"text": docs[domain][i], "domain": domain, "split": split}
+                        fh.write(json.dumps(row) + "\n")
     info = {
         "config": dataclasses.asdict(cfg),
+        "version": DEMO_VERSION,
         "key": cfg.key(),
-        "eval_loss": losses,
-        "params": sum(p.numel() for p in base.parameters()),
+        # flat "<model>_<domain>" losses of the four main models (what `crosscoder demo` prints)
+        "eval_loss": {
+            f"{m}_{d}": models[m]["eval_loss"][d] for m in ("base", "ft", "ft2", "wide") for d in DOMAINS
+        },
+        "models": models,
+        "checkpoints": [f"checkpoints/step_{s}" for s in ckpt],
+        "params": models["base"]["params"],
         "build_seconds": round(time.perf_counter() - t0, 1),
-        "heldout_docs": {"prose": len(prose_eval), "code": len(code_eval)},
+        "heldout_docs": {d: len(held[d]) for d in DOMAINS},
+        "train_blocks": {d: len(blocks[d]) for d in DOMAINS},
     }
     (out / "info.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
@@ -320,7 +327,8 @@ def build_demo_pair(
     rebuild: bool = False,
     say: Callable[[str], None] | None = None,
 ) -> DemoPair:
-    """Build the pair once (cached under ``root``, default ``cache_dir()/demo_pair``) and return its paths."""
+    """Build the models once (cached under ``root``, default ``cache_dir()/demo_pair``) and return their
+    paths. Training runs on the CPU with torch's current thread count (``torch.set_num_threads``)."""
     say = say or (lambda s: None)
     folder = Path(root) if root is not None else cache_dir() / "demo_pair"
     target = folder / cfg.key()
@@ -338,5 +346,12 @@ def build_demo_pair(
                 raise
     info = json.loads((target / "info.json").read_text())
     return DemoPair(
-        root=target, base=target / "base", ft=target / "ft", corpus=target / "corpus.jsonl", info=info
+        root=target,
+        base=target / "base",
+        ft=target / "ft",
+        corpus=target / "corpus.jsonl",
+        info=info,
+        ft2=target / "ft2",
+        wide=target / "wide",
+        checkpoints=[target / c for c in info["checkpoints"]],
     )

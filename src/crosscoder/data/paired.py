@@ -165,6 +165,9 @@ class PairedCacheWriter:
             self.stats = RunningStats(n_models, d_model)
         if meta:
             self.meta.update({k: v for k, v in meta.items() if k not in ("shards", "n_rows", "stats")})
+        #: ``on_shard(meta, index)`` is called before each shard is listed in ``meta.json`` with that
+        #: shard's index rows ``[rows, 3]``, so the caller can update ``meta`` for exactly the rows stored
+        self.on_shard: Any = None
         self._acts: list[torch.Tensor] = []
         self._index: list[np.ndarray] = []
         self._pending = 0
@@ -209,15 +212,21 @@ class PairedCacheWriter:
                 entry[f"{suffix}_bytes"] = tmp.stat().st_size
                 entry[f"{suffix}_crc32"] = file_crc32(tmp)
         self.stats.update(acts)
+        if self.on_shard is not None:  # the caller's meta for exactly these rows (e.g. dropped counts)
+            self.on_shard(self.meta, index)
         self.meta["shards"].append(entry)
         self.meta["n_rows"] = int(self.meta["n_rows"]) + entry["rows"]
         self.meta["stats"] = self.stats.to_dict()
         write_json(self.path / "meta.json", self.meta)
 
-    def close(self, extra_meta: dict[str, Any] | None = None) -> None:
-        """Write the last partial shard and mark the cache complete."""
+    def flush(self) -> None:
+        """Write the rows still buffered as a (partial) shard."""
         if self._pending:
             self._flush(self._pending)
+
+    def close(self, extra_meta: dict[str, Any] | None = None) -> None:
+        """Write the last partial shard and mark the cache complete."""
+        self.flush()
         if extra_meta:
             self.meta.update(extra_meta)
         self.meta["complete"] = True

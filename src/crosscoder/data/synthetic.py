@@ -33,6 +33,11 @@ offset direction is the base one rotated by ``offset_drift`` radians towards a r
 With every new knob neutral (the defaults) no extra random numbers are drawn: ``SyntheticConfig()`` gives
 the same pair, bit for bit, as before the knobs existed. The settings and the presets live in
 :mod:`crosscoder.data.synthetic_config`.
+
+More than two models (``n_models > 2``, preset ``multi``): features are planted in presence subsets of
+the models (:mod:`crosscoder.data.synthetic_multi`); ``x`` is then ``[n_rows, n_models, d_model]`` and
+every per-model tensor below has ``n_models`` rows. Each feature's subset is recorded in
+``GroundTruth.patterns`` (``"0+2"`` strings, as :mod:`crosscoder.analysis.patterns`).
 """
 
 from __future__ import annotations
@@ -47,8 +52,11 @@ import torch
 from ..errors import ConfigError  # noqa: F401 - re-exported (importable from here before the split)
 from .synthetic_config import (  # noqa: F401 - re-exported: this module's API before the split
     _CROWDED,
+    ALL_PRESETS,
     CLASSES,
     MAGNITUDES,
+    MULTI_CLASSES,
+    MULTI_PRESETS,
     PRESETS,
     SyntheticConfig,
     _f,
@@ -56,28 +64,53 @@ from .synthetic_config import (  # noqa: F401 - re-exported: this module's API b
 )
 
 
+def presence_patterns(strength: torch.Tensor) -> list[str]:
+    """``strength [n_features, n_models]`` -> each feature's presence subset, ``"0+2"`` (models with a
+    non-zero strength)."""
+    return ["+".join(str(m) for m in torch.nonzero(row > 0).flatten().tolist()) for row in strength]
+
+
 @dataclass
 class GroundTruth:
-    dirs: torch.Tensor  # [n_features, 2, d_model] unit vectors (zeros where absent)
-    strength: torch.Tensor  # [n_features, 2], norm_gap and gains included
+    """Planted features; ``M`` = number of models (2 for a pair)."""
+
+    dirs: torch.Tensor  # [n_features, M, d_model] unit vectors (zeros where absent)
+    strength: torch.Tensor  # [n_features, M], norm gaps and gains included
     freq: torch.Tensor  # [n_features] marginal firing frequency
     classes: list[str]  # planted class per feature
     config: SyntheticConfig
-    offset: torch.Tensor | None = None  # [2, d_model] constant per-model offset (zeros: none)
-    gain: torch.Tensor | None = None  # [n_features] planted ft/base re-weighting (1: none; norm_gap excluded)
+    offset: torch.Tensor | None = None  # [M, d_model] constant per-model offset (zeros: none)
+    # planted re-weighting (1: none; norm gaps excluded): [n_features] ft/base for a pair,
+    # [n_features, M] per model with n_models > 2
+    gain: torch.Tensor | None = None
     groups: torch.Tensor | None = None  # [n_groups, group_size] feature indices, leader first
+    patterns: list[str] | None = None  # presence subset per feature, "0+2" (default: strength > 0)
 
     def __post_init__(self) -> None:
         n, d = self.dirs.shape[0], self.dirs.shape[-1]
         if self.offset is None:
-            self.offset = torch.zeros(2, d)
+            self.offset = torch.zeros(self.n_models, d)
         if self.gain is None:
             self.gain = torch.ones(n)
         if self.groups is None:
             self.groups = torch.zeros(0, max(self.config.group_size, 0), dtype=torch.long)
+        if self.patterns is None:
+            self.patterns = presence_patterns(self.strength)
+
+    @property
+    def n_models(self) -> int:
+        return int(self.dirs.shape[1])
+
+    def model_gaps(self) -> torch.Tensor:
+        """``[M]`` factor multiplying each model's whole activation: ``(1, norm_gap)`` for a pair,
+        ``norm_gap ** (m / (M - 1))`` for model ``m`` of ``M``."""
+        m = self.n_models
+        if m == 2:
+            return torch.tensor([1.0, self.config.norm_gap])
+        return torch.tensor([self.config.norm_gap ** (i / (m - 1)) for i in range(m)])
 
     def vectors(self) -> torch.Tensor:
-        """``[n_features, 2, d_model]``: strength-weighted directions (what each feature adds)."""
+        """``[n_features, M, d_model]``: strength-weighted directions (what each feature adds)."""
         return self.dirs * self.strength[..., None]
 
     def expected_active(self) -> float:
@@ -99,13 +132,15 @@ class GroundTruth:
         return p + torch.diag(f)
 
     def feature_rms(self) -> torch.Tensor:
-        """``[2]`` float64: ``sqrt(E||sum_i a_i v_im||^2)`` per model, exact for the generative model."""
+        """``[M]`` float64: ``sqrt(E||sum_i a_i v_im||^2)`` per model, exact for the generative model."""
         mean, second = MAGNITUDES[self.config.magnitude]
         p = self.coactivation()
         m = p * mean**2
         m.diagonal().copy_(p.diagonal() * second)
-        v = self.vectors().double()  # [F, 2, d]
-        return torch.stack([(m * (v[:, k] @ v[:, k].T)).sum().clamp_min(0).sqrt() for k in range(2)])
+        v = self.vectors().double()  # [F, M, d]
+        return torch.stack(
+            [(m * (v[:, k] @ v[:, k].T)).sum().clamp_min(0).sqrt() for k in range(self.n_models)]
+        )
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
@@ -125,11 +160,15 @@ class GroundTruth:
             t["groups"] = self.groups
         with atomic_path(path / "ground_truth.safetensors") as tmp:
             save_file({k: v.contiguous() for k, v in t.items()}, str(tmp))
-        write_json(path / "ground_truth.json", {"classes": self.classes, "config": asdict(self.config)})
+        write_json(
+            path / "ground_truth.json",
+            {"classes": self.classes, "patterns": self.patterns, "config": asdict(self.config)},
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> GroundTruth:
-        """Read a folder written by :meth:`save` (older folders lack offset/gain/groups: defaults)."""
+        """Read a folder written by :meth:`save` (older folders lack offset, gain, groups and patterns:
+        defaults)."""
         import json
 
         from safetensors.torch import load_file
@@ -148,12 +187,17 @@ class GroundTruth:
             t.get("offset"),
             t.get("gain"),
             t.get("groups"),
+            meta.get("patterns"),
         )
 
 
 def plant(cfg: SyntheticConfig) -> GroundTruth:
     """Draw the planted features (deterministic in ``cfg.seed``)."""
     cfg.validate()
+    if cfg.n_models > 2:
+        from .synthetic_multi import plant_multi
+
+        return plant_multi(cfg)
     g = torch.Generator().manual_seed(cfg.seed)
     n, d = cfg.n_features, cfg.d_model
     base = torch.randn(n, d, generator=g)
@@ -226,21 +270,24 @@ def activity(gt: GroundTruth, n_rows: int, generator: torch.Generator) -> torch.
 
 
 def sample(gt: GroundTruth, n_rows: int, generator: torch.Generator) -> torch.Tensor:
-    """``n_rows`` paired activations ``[n_rows, 2, d_model]`` float32."""
+    """``n_rows`` paired activations ``[n_rows, M, d_model]`` float32."""
     cfg = gt.config
     a = activity(gt, n_rows, generator)  # [n, F]
-    vec = gt.vectors().reshape(a.shape[1], -1)  # [F, 2*d]
-    x = (a @ vec).view(n_rows, 2, -1)
+    vec = gt.vectors().reshape(a.shape[1], -1)  # [F, M*d]
+    x = (a @ vec).view(n_rows, gt.n_models, -1)
     if bool(gt.offset.any()):
         x = x + gt.offset
     eps = torch.randn(x.shape, generator=generator)
     if cfg.norm_gap != 1.0:
-        eps[:, 1] *= cfg.norm_gap
+        if gt.n_models == 2:
+            eps[:, 1] *= cfg.norm_gap
+        else:
+            eps *= gt.model_gaps()[None, :, None]
     return x + cfg.noise * eps
 
 
 def generate(cfg: SyntheticConfig, n_rows: int, chunk: int = 65536) -> tuple[GroundTruth, Any]:
-    """Planted features and an iterator of activation chunks ``[<=chunk, 2, d_model]``."""
+    """Planted features and an iterator of activation chunks ``[<=chunk, n_models, d_model]``."""
     gt = plant(cfg)
     g = torch.Generator().manual_seed(cfg.seed + 1)
 
@@ -254,21 +301,31 @@ def generate(cfg: SyntheticConfig, n_rows: int, chunk: int = 65536) -> tuple[Gro
     return gt, chunks()
 
 
+def model_names(n_models: int) -> list[str]:
+    """Names recorded in a synthetic cache: ``synthetic-base``/``synthetic-ft`` for a pair, else
+    ``synthetic_0`` .. ``synthetic_<n-1>``."""
+    if n_models == 2:
+        return ["synthetic-base", "synthetic-ft"]
+    return [f"synthetic_{i}" for i in range(n_models)]
+
+
 def write_cache(cfg: SyntheticConfig, n_rows: int, path: str | Path) -> GroundTruth:
-    """Generate ``n_rows`` rows into a paired cache at ``path`` (built atomically) with the ground truth."""
+    """Generate ``n_rows`` rows into a paired cache at ``path`` (built atomically) with the ground truth in
+    ``path/ground_truth`` (where ``crosscoder analyze`` looks for it)."""
     from ..io import atomic_dir
     from .paired import PairedCacheWriter
 
     gt, chunks = generate(cfg, n_rows)
+    m = cfg.n_models
     with atomic_dir(path) as tmp:
         w = PairedCacheWriter(
             tmp,
-            2,
+            m,
             cfg.d_model,
             "float32",
-            shard_rows=1 << 20,
+            shard_rows=1 << 20 if m == 2 else 1 << 18,
             meta={
-                "models": [{"name": "synthetic-base"}, {"name": "synthetic-ft"}],
+                "models": [{"name": n} for n in model_names(m)],
                 "site": "synthetic",
                 "source": {"synthetic": asdict(cfg), "rows": n_rows},
             },
@@ -284,6 +341,8 @@ def write_hf_pair(
     cfg: SyntheticConfig, n_rows: int, out: str | Path, column: str = "activation"
 ) -> GroundTruth:
     """``crosscoder synth``: two aligned HF datasets (``OUT/base``, ``OUT/ft``) plus ``OUT/ground_truth``."""
+    if cfg.n_models != 2:
+        raise ConfigError(f"n_models: an HF pair holds 2 models, got {cfg.n_models} (write a cache instead)")
     import numpy as np
     import pyarrow as pa
     from datasets import Dataset
@@ -299,5 +358,17 @@ def write_hf_pair(
             flat = pa.array(np.ascontiguousarray(x[:, m, :]).reshape(-1), pa.float32())
             col = pa.FixedSizeListArray.from_arrays(flat, cfg.d_model)
             Dataset(InMemoryTable(pa.table({column: col}))).save_to_disk(str(tmp / name))
+        gt.save(tmp / "ground_truth")
+    return gt
+
+
+def write_multi(cfg: SyntheticConfig, n_rows: int, out: str | Path) -> GroundTruth:
+    """``crosscoder synth`` with ``n_models > 2``: a paired cache ``OUT/cache`` (its ground truth inside,
+    ``OUT/cache/ground_truth``, for ``crosscoder analyze --cache``) plus ``OUT/ground_truth``, built
+    atomically."""
+    from ..io import atomic_dir
+
+    with atomic_dir(out) as tmp:
+        gt = write_cache(cfg, n_rows, tmp / "cache")
         gt.save(tmp / "ground_truth")
     return gt

@@ -4,12 +4,12 @@
   ``json``/``jsonl``/``parquet``/``txt``/``csv`` files (one file, a folder of them, or a glob).
 * :func:`iter_texts` yields one string per row: the ``text_column``, or chat ``messages`` rendered with
   the base or fine-tuned tokenizer's chat template.
-* :func:`iter_sequences` tokenizes with ONE tokenizer (so both models see the same ids) and packs the
+* :func:`iter_sequences` tokenizes with ONE tokenizer (so every model sees the same ids) and packs the
   documents into ``seq_len`` windows (or truncates each document), each starting with BOS when the
   tokenizer has one. Sequence ids are consecutive from 0 in stream order, so the stream is a pure
   function of (dataset, tokenizer, seq_len, pack): a resumed collection regenerates it and skips.
-* :func:`tokenizer_fingerprint` and :func:`check_tokenizers` guarantee alignment: two tokenizers that
-  give different ids on a sample are refused unless ``allow_mismatch``.
+* :func:`tokenizer_fingerprint` and :func:`check_tokenizer_set` guarantee alignment: a tokenizer that
+  gives other ids than the reference (first) model's on a sample is refused unless ``allow_mismatch``.
 """
 
 from __future__ import annotations
@@ -236,48 +236,73 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def check_tokenizers(base: Any, ft: Any, samples: list[str], allow_mismatch: bool = False) -> dict[str, Any]:
-    """Refuse two tokenizers that would not align: different ids on any sample text or different BOS.
+def _tokenizer_problem(ref: Any, other: Any, samples: list[str], names: tuple[str, str]) -> str | None:
+    """The first disagreement of two tokenizers (BOS id, or ids of a sample text), or None."""
+    if ref.bos_token_id != other.bos_token_id:
+        return f"BOS ids differ ({names[0]} {ref.bos_token_id}, {names[1]} {other.bos_token_id})"
+    for i, text in enumerate(samples):
+        a = ref(text, add_special_tokens=False)["input_ids"]
+        b = other(text, add_special_tokens=False)["input_ids"]
+        if a != b:
+            j = next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+            return (
+                f"sample {i} tokenizes differently from token {j} "
+                f"({names[0]} {a[j : j + 4]} vs {names[1]} {b[j : j + 4]})"
+            )
+    return None
 
-    Returns ``{"base": fp, "ft": fp, "identical": bool, "mismatch": str|None}``; raises DataError on a
+
+def check_tokenizer_set(
+    tokenizers: list[tuple[str, Any]], samples: list[str], allow_mismatch: bool = False
+) -> dict[str, Any]:
+    """Refuse tokenizers that would not align with the reference (the first of ``(name, tokenizer)``):
+    a different BOS id or different ids on any sample text.
+
+    Returns ``{"base": fp of the reference, "ft": fp of the second, "fingerprints": [fp per model],
+    "identical": bool, "mismatch": str|None}``; raises a one-line DataError naming the two models on a
     disagreement unless ``allow_mismatch`` (then the first disagreement is logged and recorded).
     """
-    fp_b, fp_f = tokenizer_fingerprint(base), tokenizer_fingerprint(ft)
-    info: dict[str, Any] = {"base": fp_b, "ft": fp_f, "identical": fp_b == fp_f, "mismatch": None}
-    if fp_b == fp_f:
-        return info
-    problem = None
-    if base.bos_token_id != ft.bos_token_id:
-        problem = f"BOS ids differ (base {base.bos_token_id}, ft {ft.bos_token_id})"
-    else:
-        for i, text in enumerate(samples):
-            a = base(text, add_special_tokens=False)["input_ids"]
-            b = ft(text, add_special_tokens=False)["input_ids"]
-            if a != b:
-                j = next(
-                    (k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
-                )
-                problem = (
-                    f"sample {i} tokenizes differently from token {j} "
-                    f"(base {a[j : j + 4]} vs ft {b[j : j + 4]})"
-                )
-                break
-    if problem is None:
-        return info
-    info["mismatch"] = problem
-    if not allow_mismatch:
-        raise DataError(
-            f"tokenizers of the base and fine-tuned models differ: {problem}; "
-            "activations would not align (pass --allow-tokenizer-mismatch to use the base tokenizer for both)"
-        )
-    log.warning("tokenizer mismatch allowed: %s (base tokenizer feeds both models)", problem)
+    fps = [tokenizer_fingerprint(t) for _, t in tokenizers]
+    info: dict[str, Any] = {
+        "base": fps[0],
+        "ft": fps[1] if len(fps) > 1 else fps[0],
+        "fingerprints": fps,
+        "identical": len(set(fps)) == 1,
+        "mismatch": None,
+    }
+    (ref_name, ref), two = tokenizers[0], len(tokenizers) == 2
+    for j, (name, tok) in enumerate(tokenizers[1:], start=1):
+        if fps[j] == fps[0]:
+            continue
+        labels = ("base", "ft") if two else ("model 0", f"model {j}")
+        problem = _tokenizer_problem(ref, tok, samples, labels)
+        if problem is None:
+            continue
+        found = problem if two else f"{name}: {problem}"
+        info["mismatch"] = info["mismatch"] or found  # the first difference
+        if not allow_mismatch:
+            who = (
+                f"the base and fine-tuned models differ ({ref_name} vs {name})"
+                if two
+                else f"the reference model {ref_name} and model {j} {name} differ"
+            )
+            raise DataError(
+                f"tokenizers of {who}: {problem}; activations would not align "
+                "(pass --allow-tokenizer-mismatch to feed the reference tokenization to every model)"
+            )
+        log.warning("tokenizer mismatch allowed: %s (the reference tokenizer feeds every model)", found)
     return info
+
+
+def check_tokenizers(base: Any, ft: Any, samples: list[str], allow_mismatch: bool = False) -> dict[str, Any]:
+    """Two-model :func:`check_tokenizer_set` (``base`` is the reference)."""
+    return check_tokenizer_set([("base", base), ("ft", ft)], samples, allow_mismatch)
 
 
 # ---------------------------------------------------------------------------------------------- together
 def prepare_stream(
     dataset: str,
-    tokenizers: dict[str, Any],
+    tokenizers: dict[str, Any] | list[tuple[str, Any]],
     *,
     text_column: str = "text",
     chat_template: str = "none",
@@ -289,17 +314,24 @@ def prepare_stream(
 ) -> tuple[Callable[[], Iterator[TokenSequence]], dict[str, Any]]:
     """Open ``dataset``, check the tokenizers on its first 32 texts, and return
     ``(sequences, tokenizer_info)``: ``sequences()`` restarts the deterministic stream of
-    :class:`TokenSequence` (tokenized by ``tokenizers["base"]``) from the beginning."""
+    :class:`TokenSequence` (tokenized by the reference tokenizer) from the beginning.
+
+    ``tokenizers``: ``(model name, tokenizer)`` per model, the reference first (or the two-model dict
+    ``{"base": ..., "ft": ...}``). Chat templates: ``base`` is the first model's, ``ft`` the second's.
+    """
+    pairs = list(tokenizers.items()) if isinstance(tokenizers, dict) else list(tokenizers)
+    ref = pairs[0][1]
+    by_role = {"base": ref, "ft": pairs[1][1] if len(pairs) > 1 else ref}
     ds = load_text_dataset(dataset, split, dataset_config)
 
     def texts() -> Iterator[str]:
-        return iter_texts(ds, text_column, chat_template, tokenizers, source=dataset)
+        return iter_texts(ds, text_column, chat_template, by_role, source=dataset)
 
     samples = list(itertools.islice(texts(), 32))
     if not samples:
         raise DataError(f"{dataset}: dataset is empty")
-    info = check_tokenizers(tokenizers["base"], tokenizers["ft"], samples, allow_mismatch)
-    return (lambda: iter_sequences(texts(), tokenizers["base"], seq_len, pack=pack)), info
+    info = check_tokenizer_set(pairs, samples, allow_mismatch)
+    return (lambda: iter_sequences(texts(), ref, seq_len, pack=pack)), info
 
 
 def make_batch(seqs: list[TokenSequence], pad_id: int, device: Any = "cpu") -> dict[str, Any]:

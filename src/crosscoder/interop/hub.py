@@ -57,9 +57,9 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
-def _table(rows: list[tuple[str, Any]], header: tuple[str, str] = ("Field", "Value")) -> list[str]:
-    lines = [f"| {header[0]} | {header[1]} |", "| --- | --- |"]
-    lines += [f"| {_cell(k)} | {_cell(v)} |" for k, v in rows]
+def _table(rows: list[tuple[Any, ...]], header: tuple[str, ...] = ("Field", "Value")) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
     return lines
 
 
@@ -90,13 +90,33 @@ def render_model_card(config: dict[str, Any], *, repo_id: str | None = None, has
     ]
 
     lines += ["## Models", ""]
-    roles = {0: "base", 1: "fine-tuned"} if n_models == 2 else {}
+    block_models = config.get("block_models")
+    sites = config.get("sites") or ([site] if site else [])
+    widths = config.get("d_models")
+    n_real = len(names) if block_models and names else n_models
+    roles = {0: "base", 1: "fine-tuned"} if n_real == 2 else {0: "reference"}
     rows = []
-    for i in range(n_models):
+    for i in range(n_real):
         name = names[i] if i < len(names) else "(not recorded)"
         rows.append((f"{model_letter(i)}{f' ({roles[i]})' if i in roles else ''}", name))
     lines += _table(rows, ("Model", "Name"))
-    lines += ["", f"Site (module whose output is read): `{site}`" if site else "Site: not recorded", ""]
+    if block_models:  # (model, site) blocks: the acausal crosscoder's model axis
+        block_sites = config.get("block_sites") or [0] * n_models
+        lines += ["", "Blocks of the model axis (model, site, width):", ""]
+        brows = [
+            (
+                str(b),
+                names[m] if m < len(names) else str(m),
+                sites[s] if s < len(sites) else str(s),
+                widths[b] if widths else config.get("d_model"),
+            )
+            for b, (m, s) in enumerate(zip(block_models, block_sites, strict=False))
+        ]
+        lines += _table(brows, ("Block", "Model", "Site", "Width"))
+    elif widths:
+        lines += ["", "Widths: " + ", ".join(f"{model_letter(i)} {w}" for i, w in enumerate(widths))]
+    where = ", ".join(f"`{x}`" for x in sites)
+    lines += ["", f"Site (module whose output is read): {where}" if sites else "Site: not recorded", ""]
 
     lines += ["## Architecture", ""]
     rows = [
@@ -151,7 +171,14 @@ def render_model_card(config: dict[str, Any], *, repo_id: str | None = None, has
     lines += [
         "",
         "Shapes: `W_enc [n_models, d_model, d_latent]`, `W_dec [d_latent, n_models, d_model]`, "
-        "`b_enc [d_latent]`, `b_dec [n_models, d_model]`.",
+        "`b_enc [d_latent]`, `b_dec [n_models, d_model]`"
+        + (
+            "; in the file each block at its own width: `W_enc.<i> [d_i, d_latent]`, "
+            "`W_dec.<i> [d_latent, d_i]`, `b_dec.<i> [d_i]` (`CrossCoder.from_pretrained` zero-pads them "
+            "to the largest width)."
+            if widths
+            else "."
+        ),
         "",
     ]
 

@@ -1,4 +1,5 @@
-"""The crosscoder: one sparse dictionary over the activations of ``n_models`` models at one site.
+"""The crosscoder: one sparse dictionary over the activations of ``n_models`` blocks (models, or
+(model, site) pairs for an acausal crosscoder over several sites; ``cfg.block_models``).
 
 Shapes (the community's convention)::
 
@@ -16,6 +17,11 @@ the normalised training space, ``x' = norm_scale * (x - norm_mean)`` (see
 raw activations, and keeps the factors so that decoder norms (the L1 weighting, the BatchTopK scores,
 the diffing metrics) are still measured in the normalised space: latents are identical before and
 after folding.
+
+Blocks of different widths (``cfg.d_models``) are zero-padded to ``d_model`` (the largest):
+``width_mask [n_models, d_model]`` marks the real entries. Padded entries of ``W_enc``, ``W_dec``,
+``b_dec`` start at 0 and stay exactly 0 (their inputs and targets are 0, so are their gradients); the
+saved file holds each block at its own width (:meth:`CrossCoder.tensors`).
 
 The architecture (``cfg.arch``, from :mod:`crosscoder.model.registry`) is the submodule ``arch``: it owns
 the activation rule, its sparsity term, its own parameters and buffers and what it saves. The latent
@@ -67,7 +73,12 @@ class CrossCoder(nn.Module):
             raise CrossCoderError("d_model: must be set (positive) before building a CrossCoder")
         self.cfg = cfg
         m, d, h = cfg.n_models, cfg.d_model, cfg.d_latent
-        w_dec = torch.randn(h, m, d, generator=generator)
+        widths = cfg.widths()
+        #: True when blocks have different widths: narrower blocks are zero-padded to ``d_model``
+        self.mixed_widths = any(w != d for w in widths)
+        mask = torch.arange(d)[None, :] < torch.tensor(widths)[:, None]  # [n_models, d_model]
+        self.register_buffer("width_mask", mask, persistent=False)
+        w_dec = torch.randn(h, m, d, generator=generator) * mask
         w_dec = w_dec / w_dec.norm(dim=-1, keepdim=True) * cfg.dec_init_norm
         self.W_dec = nn.Parameter(w_dec)
         self.W_enc = nn.Parameter(w_dec.permute(1, 2, 0).contiguous())
@@ -75,11 +86,10 @@ class CrossCoder(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(m, d))
         scale = torch.tensor(cfg.norm_scale if cfg.norm_scale is not None else [1.0] * m, dtype=torch.float32)
         self.register_buffer("norm_scale", scale, persistent=False)
-        mean = (
-            torch.tensor(cfg.norm_mean, dtype=torch.float32)
-            if cfg.norm_mean is not None
-            else torch.zeros(m, d)
-        )
+        mean = torch.zeros(m, d)
+        if cfg.norm_mean is not None:  # rows of each block's own width (mixed widths) or of d_model
+            for i, row in enumerate(cfg.norm_mean):
+                mean[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
         self.register_buffer("norm_mean", mean, persistent=False)
         self.layout = LatentLayout.of(cfg)
         self.register_buffer("sparsity_scale", self.layout.sparsity_scale(), persistent=False)
@@ -191,9 +201,51 @@ class CrossCoder(nn.Module):
 
     # ------------------------------------------------------------------ persistence
     def tensors(self) -> dict[str, torch.Tensor]:
+        """What ``model.safetensors`` holds. Same-width blocks: ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``
+        (shapes in the module docstring). Mixed widths: ``b_enc`` and, per block ``i`` of width ``d_i``,
+        ``W_enc.<i> [d_i, d_latent]``, ``W_dec.<i> [d_latent, d_i]``, ``b_dec.<i> [d_i]`` (no padding)."""
         out = {n: getattr(self, n).detach().contiguous().cpu() for n in PARAM_NAMES}
+        if self.mixed_widths:
+            w_enc, w_dec, b_dec = out.pop("W_enc"), out.pop("W_dec"), out.pop("b_dec")
+            for i, w in enumerate(self.cfg.widths()):
+                out[f"W_enc.{i}"] = w_enc[i, :w].contiguous()
+                out[f"W_dec.{i}"] = w_dec[:, i, :w].contiguous()
+                out[f"b_dec.{i}"] = b_dec[i, :w].contiguous()
         out.update(self.arch.saved_tensors())
         return out
+
+    def _load_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Copy the parameters of :meth:`tensors` (either layout) into this model, checking shapes."""
+        if self.mixed_widths:
+            expected = {"b_enc": tuple(self.b_enc.shape)}
+            for i, w in enumerate(self.cfg.widths()):
+                expected.update(
+                    {
+                        f"W_enc.{i}": (w, self.cfg.d_latent),
+                        f"W_dec.{i}": (self.cfg.d_latent, w),
+                        f"b_dec.{i}": (w,),
+                    }
+                )
+        else:
+            expected = {n: tuple(getattr(self, n).shape) for n in PARAM_NAMES}
+        for n, shape in expected.items():
+            if n not in tensors:
+                raise CrossCoderError(f"{where}: missing tensor {n!r}")
+            if tuple(tensors[n].shape) != shape:
+                raise CrossCoderError(
+                    f"{where}: {n} has shape {tuple(tensors[n].shape)}, config says {shape}"
+                )
+        if not self.mixed_widths:
+            for n in PARAM_NAMES:
+                getattr(self, n).copy_(tensors[n])
+            return
+        self.b_enc.copy_(tensors["b_enc"])
+        for p in (self.W_enc, self.W_dec, self.b_dec):
+            p.zero_()
+        for i, w in enumerate(self.cfg.widths()):
+            self.W_enc[i, :w].copy_(tensors[f"W_enc.{i}"])
+            self.W_dec[:, i, :w].copy_(tensors[f"W_dec.{i}"])
+            self.b_dec[i, :w].copy_(tensors[f"b_dec.{i}"])
 
     def config_dict(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         from .. import __version__
@@ -201,6 +253,8 @@ class CrossCoder(nn.Module):
         d = dataclasses.asdict(self.cfg)
         norm = self.normalization()
         d["norm_scale"], d["norm_mean"] = norm.scale, norm.mean
+        if self.mixed_widths and norm.mean is not None:  # each block's own width, not the padding
+            d["norm_mean"] = [row[:w] for row, w in zip(norm.mean, self.cfg.widths(), strict=True)]
         d["shared_sparsity_coeff"] = (
             self.layout.shared_factor
         )  # the resolved factor (the architecture's default)
@@ -246,15 +300,7 @@ class CrossCoder(nn.Module):
         except Exception as e:  # noqa: BLE001 - corrupt file -> one line
             raise CrossCoderError(f"{w_path}: cannot read safetensors ({e})") from None
         with torch.no_grad():
-            for n in PARAM_NAMES:
-                if n not in tensors:
-                    raise CrossCoderError(f"{w_path}: missing tensor {n!r}")
-                if tensors[n].shape != getattr(model, n).shape:
-                    raise CrossCoderError(
-                        f"{w_path}: {n} has shape {tuple(tensors[n].shape)}, "
-                        f"config says {tuple(getattr(model, n).shape)}"
-                    )
-                getattr(model, n).copy_(tensors[n])
+            model._load_tensors(tensors, str(w_path))
             model.arch.load_saved(tensors, str(w_path))
         model.eval()
         if device is not None:

@@ -12,6 +12,11 @@ a local batch ``b = batch_size / world_size``:
   AuxK adds ``b * d_latent``;
 * a paired cache of N tokens: ``N * n_models * d_model * bytes(dtype) + N * 24`` (the int64 index).
 
+Several models, sites and widths: the model axis holds ``n_blocks = n_models * n_sites`` blocks (one per
+model and site, acausal crosscoder) and ``d_model`` is the largest width: narrower models are
+zero-padded, in memory and in the cache, so every formula above uses ``n_blocks`` and the largest width;
+``padding_fraction`` says how much of it is padding (``1 - sum of real widths / (n_blocks * d_model)``).
+
 These are estimates (allocator overheads and framework buffers come on top: budget ~10-20% more).
 """
 
@@ -35,6 +40,9 @@ class MemoryPlan:
     total_bytes_per_rank: int
     local_batch: int
     cache_bytes: int
+    n_blocks: int = 2
+    d_model: int = 0
+    padding_fraction: float = 0.0
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -52,8 +60,16 @@ def plan(
     world_size: int = 1,
     cache_tokens: int = 0,
     cache_dtype: str = "bfloat16",
+    d_models: list[int] | None = None,
+    n_sites: int = 1,
 ) -> MemoryPlan:
-    """Estimate per-rank memory (bytes) of a training step and the disk of a cache of ``cache_tokens``."""
+    """Estimate per-rank memory (bytes) of a training step and the disk of a cache of ``cache_tokens``.
+
+    ``d_models``: each model's width when they differ (then ``n_models = len(d_models)`` and ``d_model``
+    is ignored); ``n_sites``: sites read per model (blocks = models x sites)."""
+    widths = list(d_models) if d_models else [d_model] * n_models
+    real = sum(widths) * n_sites
+    n_models, d_model = len(widths) * n_sites, max(widths)  # the model axis: blocks, padded width
     p = 2 * n_models * d_model * dict_size + dict_size + n_models * d_model
     param = 4 * p
     b = -(-batch_size // world_size)
@@ -68,7 +84,8 @@ def plan(
     ddp = param if world_size > 1 else 0
     total = param + param + 2 * param + ddp + act
     cache = cache_tokens * (md * BYTES[cache_dtype] + 24)
-    return MemoryPlan(p, param, param, 2 * param, ddp, act, total, b, cache)
+    pad = 1.0 - real / (n_models * d_model)
+    return MemoryPlan(p, param, param, 2 * param, ddp, act, total, b, cache, n_models, d_model, pad)
 
 
 def human(n: float) -> str:

@@ -148,6 +148,7 @@ def make_source(
     models = cache.meta.get("models") or []
     info["model_names"] = [m.get("name") for m in models] or None
     info["site"] = d.site or cache.meta.get("site")
+    info["blocks"] = block_info(cache.meta)
     where = str(d.base_data) if d.base_data and not d.cache else str(cache.path)
     cfg.train.val_tokens = resolve_val_tokens(cfg, cache.n_rows, where)
     norm = estimate_normalization(cache, d.norm_center, d.norm_scaling, d.norm_sample_tokens, cfg.train.seed)
@@ -166,6 +167,22 @@ def make_source(
     if cfg.train.b_dec_init == "mean":
         src.train_mean = training_space_mean(cache, norm, d.norm_sample_tokens, cfg.train.seed)
     return src, info
+
+
+def block_info(meta: dict[str, Any]) -> dict[str, Any]:
+    """The block description of a cache's ``meta.json`` as :class:`~crosscoder.config.CrossCoderConfig`
+    fields: ``d_models`` when widths differ, and ``sites``/``block_models``/``block_sites`` when the
+    model axis holds (model, site) blocks. Empty for a same-width one-site cache."""
+    out: dict[str, Any] = {}
+    widths = meta.get("d_models")
+    if widths is not None and any(int(w) != int(meta["d_model"]) for w in widths):
+        out["d_models"] = [int(w) for w in widths]
+    sites, blocks = meta.get("sites"), meta.get("blocks")
+    if blocks and (len(sites or []) > 1 or len(blocks) != len(meta.get("models") or blocks)):
+        out["sites"] = list(sites) if sites else None
+        out["block_models"] = [int(b["model"]) for b in blocks]
+        out["block_sites"] = [int(b.get("site", 0)) for b in blocks]
+    return out
 
 
 def _cache_fingerprint(cache: PairedCache) -> str:
