@@ -41,7 +41,7 @@ import torch
 from ..model import CrossCoder
 from .blocks import BlockLayout
 from .patterns import model_norms, pattern_strings, presence, presence_ratio_for_band
-from .table import Thresholds
+from .table import Thresholds, activity_columns
 
 MULTI_CLASSES = ("shared", "exclusive", "partial", "other")
 MULTI_FLAGS = (
@@ -124,12 +124,7 @@ def multi_columns(
     cols = decoder_columns(model, layout, t)
     present = cols.pop("present")
     h, m = present.shape
-    nan = np.full(h, np.nan)
-    st = stats or {}
-    for k in ("freq", "mean_act", "mean_act_all", "max_act"):
-        cols[k] = np.asarray(st.get(k, nan), np.float64)
-    cols["n_active"] = np.asarray(st.get("n_active", np.full(h, -1)), np.int64)
-    cols["dead"] = np.asarray(st.get("dead", np.zeros(h, bool)), bool)
+    cols.update(activity_columns(stats, h))
     nu_e = nu_r = None
     if scaling is not None:
         cols["ls_model"] = np.asarray(scaling["ref"], np.int64)

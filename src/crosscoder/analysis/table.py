@@ -90,6 +90,19 @@ def thresholds_for(arch: str, **overrides: Any) -> Thresholds:
     return t
 
 
+def activity_columns(stats: dict[str, Any] | None, d_latent: int) -> dict[str, np.ndarray]:
+    """``freq``, ``mean_act``, ``mean_act_all``, ``max_act``, ``n_active``, ``dead`` (each ``[d_latent]``)
+    from :meth:`~crosscoder.analysis.scan.ActivationStats.result` (NaN / -1 / False without a scan)."""
+    st = stats or {}
+    nan = np.full(d_latent, np.nan)
+    cols = {
+        k: np.asarray(st.get(k, nan), np.float64) for k in ("freq", "mean_act", "mean_act_all", "max_act")
+    }
+    cols["n_active"] = np.asarray(st.get("n_active", np.full(d_latent, -1)), np.int64)
+    cols["dead"] = np.asarray(st.get("dead", np.zeros(d_latent, bool)), bool)
+    return cols
+
+
 @torch.no_grad()
 def decoder_metrics(model: CrossCoder) -> dict[str, np.ndarray]:
     """Per-latent decoder metrics in the normalised space, each ``[d_latent]`` float64:
@@ -203,11 +216,7 @@ def latent_columns(
     cols.update(decoder_metrics(model))
     h = model.cfg.d_latent
     nan = np.full(h, np.nan)
-    st = stats or {}
-    for k in ("freq", "mean_act", "mean_act_all", "max_act"):
-        cols[k] = np.asarray(st.get(k, nan), np.float64)
-    cols["n_active"] = np.asarray(st.get("n_active", np.full(h, -1)), np.int64)
-    cols["dead"] = np.asarray(st.get("dead", np.zeros(h, bool)), bool)
+    cols.update(activity_columns(stats, h))
     nu_ft = nu_base = None
     if scaling_ft is not None:
         nu_ft = (scaling_ft.nu_error.numpy(), scaling_ft.nu_reconstruction.numpy())
