@@ -51,6 +51,7 @@ class AnalyzeConfig:
     overwrite: bool = False
     compare_to: str | None = None  # another crosscoder folder (same data): partition x class table
     compare_threshold: float = 0.9
+    export: list[str] | None = None  # neuronpedia | saedashboard (export_formats.FORMATS)
 
 
 def load_run(run_dir: str | Path) -> tuple[CrossCoder, dict[str, Any]]:

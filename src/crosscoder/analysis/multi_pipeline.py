@@ -121,6 +121,7 @@ def analyze_multi(
     from . import multi_report as mr
     from .checkpoints import checkpoint_summary, model_order
     from .contexts import TopActivations, build_contexts
+    from .export_formats import write_exports
     from .multi import multi_class_counts, multi_columns, pattern_counts, site_shares
     from .multi_scaling import BlockReconstructionStats, MultiScalingAccumulator
     from .pipeline import ARCH_METRIC_ROWS, _tokenizer, _usual_permissions
@@ -283,6 +284,8 @@ def analyze_multi(
             class_names=("shared", "exclusive", "partial", "other"),
             flags=mr.MULTI_FLAGS,
         )
+        if cfg.export:
+            summary["exports"] = write_exports(tmp, cfg.export, cols, contexts, summary, cache)
         write_json(tmp / "summary.json", _json_safe(summary))
     _usual_permissions(out)
     say(f"report: {out / 'report.html'} ({summary['seconds']}s)")

@@ -126,6 +126,7 @@ def analyze(cfg: AnalyzeConfig, say: Any = _say_default) -> dict[str, Any]:
     from ..io import atomic_dir, write_json
     from . import plots
     from .contexts import TopActivations, build_contexts
+    from .export_formats import write_exports
     from .recovery import classification_scores, format_scores, planted_cosines
     from .report import render_report
     from .scaling import ScalingAccumulator, check_mode
@@ -338,6 +339,8 @@ def analyze(cfg: AnalyzeConfig, say: Any = _say_default) -> dict[str, Any]:
             layout=summary["layout"] if layout.constrained else None,
             comparison=summary.get("comparison"),
         )
+        if cfg.export:
+            summary["exports"] = write_exports(tmp, cfg.export, cols, contexts, summary, cache)
         write_json(tmp / "summary.json", _json_safe(summary))
     _usual_permissions(out)
     say(f"report: {out / 'report.html'} ({summary['seconds']}s)")

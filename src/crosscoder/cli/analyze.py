@@ -119,14 +119,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="tokens shown before and after the activating token (default: 10 3)",
     )
     r.add_argument("--max-cards", type=int, default=1000, help="latents with stored contexts (default: 1000)")
+    r.add_argument(
+        "--export",
+        action="append",
+        metavar="FORMAT",
+        help="also write the latents with contexts as neuronpedia and/or saedashboard files into "
+        "OUT/<format>/ (repeatable or a comma list; docs/analysis.md)",
+    )
     r.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     r.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     r.add_argument("--chunk", type=int, default=1024, help="tokens per streaming chunk (default: 1024)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..analysis.export_formats import parse_exports
     from ..analysis.pipeline import AnalyzeConfig, analyze
 
+    export = parse_exports(args.export)  # an unknown format fails before the scan
     cfg = AnalyzeConfig(
         run_dir=args.run_dir,
         out=args.out,
@@ -161,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
         chunk=args.chunk,
         compare_to=args.compare_to,
         compare_threshold=args.compare_threshold,
+        export=export or None,
     )
     analyze(cfg)
     return 0
