@@ -8,7 +8,8 @@ through :class:`Dist`, which is a no-op when ``world_size == 1``, so the same co
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,7 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    _flag_group: Any = field(default=None, repr=False, compare=False)
 
     @property
     def enabled(self) -> bool:
@@ -46,6 +48,18 @@ class Dist:
         out = [torch.empty_like(t) for _ in range(self.world_size)]
         dist.all_gather(out, t.contiguous())
         return torch.cat(out)
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on any rank: one all-reduce of one byte on the host, over a gloo group of
+        its own (made at the first call, which every rank makes), so that it never waits on the GPU even
+        under NCCL; the per-step stop agreement (:mod:`crosscoder.train.elastic`)."""
+        if not self.enabled:
+            return flag
+        if self._flag_group is None:
+            self._flag_group = dist.new_group(backend="gloo")
+        t = torch.tensor([int(flag)], dtype=torch.uint8)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._flag_group)
+        return bool(t[0])
 
     def barrier(self) -> None:
         if self.enabled:
@@ -81,8 +95,22 @@ def setup(device_name: str) -> tuple[Dist, torch.device]:
         device = torch.device("cuda", d.local_rank if d.enabled else torch.cuda.current_device())
         torch.cuda.set_device(device)
     if d.enabled and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        _init_group("nccl" if device.type == "cuda" else "gloo")
     return d, device
+
+
+def _init_group(backend: str) -> None:
+    """The default process group from torchrun's environment. After an elastic restart (``--max-restarts``)
+    torchrun hands the workers the same store as before, still holding the dead workers' addresses, which
+    the new ones would connect to (gloo: ``connectFullMesh failed ... Connection refused``; pytorch#167288):
+    under torchrun every attempt gets keys of its own."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        dist.init_process_group(backend=backend)
+        return
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(f"crosscoder/attempt_{attempt}", store)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
 
 
 def teardown(d: Dist) -> None:

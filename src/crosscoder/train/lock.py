@@ -28,13 +28,14 @@ class OutputLocked(CrossCoderError):
     """Another live process holds the output folder's lock."""
 
 
-def _acquire(path: Path) -> int | None:
-    """The locked file descriptor of ``path``; raises :class:`OutputLocked` while another process holds it,
-    ``None`` (with a note) on a filesystem without ``flock``."""
+def _acquire(path: Path, wait: float = 0.0) -> int | None:
+    """The locked file descriptor of ``path``; raises :class:`OutputLocked` while another process holds it
+    (after ``wait`` seconds of retries), ``None`` (with a note) on a filesystem without ``flock``."""
     try:
         import fcntl
     except ImportError:  # not POSIX
         return None
+    deadline = time.monotonic() + wait
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -45,6 +46,9 @@ def _acquire(path: Path) -> int | None:
         except BlockingIOError:
             holder = os.read(fd, 400).decode(errors="replace").strip() or "starting"
             os.close(fd)
+            if time.monotonic() < deadline:  # an elastic restart: the previous rank 0 is still ending
+                time.sleep(0.1)
+                continue
             raise OutputLocked(
                 f"{path.parent}: another crosscoder train is writing to this folder ({holder}); wait for it "
                 f"to end or choose another --out (lock: {path})"
@@ -67,9 +71,10 @@ def _acquire(path: Path) -> int | None:
 
 
 @contextlib.contextmanager
-def output_lock(out: Path, take: bool = True) -> Iterator[None]:
+def output_lock(out: Path, take: bool = True, wait: float = 0.0) -> Iterator[None]:
     """Hold ``out``'s lock for the block (creating ``out``; an ``out`` created here and left empty is
-    removed again). ``take=False`` (ranks other than 0) does nothing."""
+    removed again), waiting up to ``wait`` seconds for another holder to end (a torchrun restart).
+    ``take=False`` (ranks other than 0) does nothing."""
     if not take:
         yield
         return
@@ -80,7 +85,7 @@ def output_lock(out: Path, take: bool = True) -> Iterator[None]:
     except OSError as e:
         raise CrossCoderError(f"{out}: cannot create the output folder ({e.strerror})") from None
     path = out / LOCK_NAME
-    fd = _acquire(path)
+    fd = _acquire(path, wait)
     try:
         yield
     finally:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from ..errors import CrossCoderError
 from ..model import CrossCoder, compute_loss
 from ..model.losses import ev_moments, explained_variance_from_moments
 from .checkpoint import disk_full_errors, load_newest, save_checkpoint, set_rng_state, write_final_model
+from .elastic import Stopper, elastic_resume, lock_wait
 from .lock import ending, is_lock, output_lock, prepare_folder
 from .logging import MetricsLogger
 from .sources import make_source
@@ -63,27 +62,6 @@ def check_out(out: Path, overwrite: bool, resume: bool) -> None:
         raise CrossCoderError(f"{out}: nothing to resume (no config.json)")
 
 
-class _SignalFlag:
-    """Turns SIGINT/SIGTERM into a flag checked between steps (main thread only)."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _SignalFlag:
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
 def run_training(
     cfg: RunConfig,
     out: str | Path,
@@ -100,12 +78,14 @@ def run_training(
     cfg = copy.deepcopy(cfg)
     cfg.validate()
     out = Path(out)
-    with output_lock(out, take=from_env().is_main):  # one train per OUT; rank 0, before the process group
+    resume = resume or elastic_resume(out)  # a torchrun restart continues from the newest checkpoint
+    with output_lock(out, take=from_env().is_main, wait=lock_wait()):  # rank 0, before the process group
         check_out(out, overwrite, resume)
         torch.set_num_threads(cfg.train.threads)
         d, device = setup(cfg.train.device)  # torchrun: process group from the environment
         with ending(d, agreed=Interrupted):  # no final barrier after a failure of one rank alone
             d.barrier()  # every rank checked OUT before rank 0 writes to it
+            resume = bool(d.broadcast_object(resume))  # rank 0's view of OUT decides
             if d.enabled and not d.is_main:
                 d.barrier()  # rank 0 builds a synthetic/converted cache first
             source, info = make_source(cfg, device, d)  # validates the data before OUT is touched
@@ -216,16 +196,6 @@ class _Loop:
         d.update(extra)
         return d
 
-    def _should_stop(self, signum: int | None, log_step: bool) -> bool:
-        """A signal or ``stop_after``; under torchrun ranks agree at log steps (no per-step sync)."""
-        requested = self.stop_after is not None and self.step >= self.stop_after
-        if not self.dist.enabled:
-            return signum is not None or requested
-        if not log_step:
-            return requested
-        flag = torch.tensor([1.0 if signum is not None else 0.0], device=self.device)
-        return bool(self.dist.all_reduce_max(flag)) or requested
-
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def validate(self, l1: float) -> dict[str, float]:
@@ -322,7 +292,7 @@ class _Loop:
         n_acc, t_last, last, val = 0, time.perf_counter(), {}, {}
         paused = 0.0  # seconds spent validating and checkpointing since the last log (not training)
         try:
-            with _SignalFlag() as sig:
+            with Stopper(self.dist, self.stop_after) as stopper:
                 while self.step < self.total:
                     x = self.first_batch if self.first_batch is not None else self.source.next_batch()
                     self.first_batch = None
@@ -357,11 +327,11 @@ class _Loop:
                     if tc.save_every and self.step % tc.save_every == 0 and self.step < self.total:
                         self._save()
                     paused += time.perf_counter() - t0
-                    if self._should_stop(sig.signum, self.step % tc.log_every == 0):
+                    if stopper.should_stop(self.step):  # the ranks agree after every step
                         ck = self._save()
-                        why = f"signal {sig.signum}" if sig.signum is not None else "stop requested"
                         raise Interrupted(
-                            f"{why} at step {self.step}/{self.total}; checkpoint {ck}; continue with --resume"
+                            f"{stopper.reason()}: stopped at step {self.step}/{self.total}; checkpoint {ck}; "
+                            "continue with --resume"
                         )
         finally:
             logger.close()
