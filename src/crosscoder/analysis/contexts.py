@@ -85,9 +85,13 @@ class TokenText:
 def latent_acts(model: CrossCoder, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
     """Activation of latent ``latents[n]`` on row ``x[n]``: ``x [n, n_models, d_model]`` (normalised),
     ``latents [n]`` -> ``[n]``, with the architecture's own eval rule (BatchTopK: the threshold)."""
-    w = model.W_enc[:, :, latents]  # [M, d, n]
-    pre = torch.einsum("nmd,mdn->n", x, w) + model.b_enc[latents]
-    return model.arch.activate_entries(pre, latents)
+    pre = torch.empty(len(latents), dtype=x.dtype, device=x.device)
+    step = 1024  # rows at a time: the gathered encoder columns are [n_models, d_model, step]
+    for lo in range(0, len(latents), step):
+        idx = latents[lo : lo + step]
+        w = model.W_enc[:, :, idx]  # [M, d, step]
+        pre[lo : lo + step] = torch.einsum("nmd,mdn->n", x[lo : lo + step], w)
+    return model.arch.activate_entries(pre + model.b_enc[latents], latents)
 
 
 @torch.no_grad()
