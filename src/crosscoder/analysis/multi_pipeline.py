@@ -124,9 +124,9 @@ def analyze_multi(
     from .export_formats import write_exports
     from .multi import multi_class_counts, multi_columns, pattern_counts, site_shares
     from .multi_scaling import BlockReconstructionStats, MultiScalingAccumulator
-    from .pipeline import ARCH_METRIC_ROWS, _tokenizer, _usual_permissions
+    from .pipeline import _tokenizer, _usual_permissions
     from .report import render_report
-    from .scan import ActivationStats, iter_chunks, normalised_model, scan, select_rows
+    from .scan import ActivationStats, architecture_metrics, normalised_model, scan, select_rows
     from .spliced_multi import format_spliced_multi
     from .table import write_table
 
@@ -143,10 +143,7 @@ def analyze_multi(
         f"{layout.n_blocks} blocks; eval mode)"
     )
     scan(norm, cache, rows, [stats, recon, scaling, top], model.normalization(), cfg.chunk)
-    arch_rows = rows[:: max(1, len(rows) // ARCH_METRIC_ROWS)][:ARCH_METRIC_ROWS]
-    arch_metrics = norm.arch.analysis_metrics(
-        x for _, x in iter_chunks(cache, arch_rows, model.normalization(), cfg.chunk, dev)
-    )
+    arch_metrics, _ = architecture_metrics(norm, cache, rows, model.normalization(), cfg.chunk, dev)
     cols, present = multi_columns(norm, layout, t, stats.result(), scaling.result())
     live = ~cols["dead"]
     order, ckpt = checkpoint_summary(layout.model_names, layout.revisions, present, live)

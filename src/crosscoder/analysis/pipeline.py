@@ -35,9 +35,6 @@ from .multi import is_classic_pair, pattern_counts, two_model_extras
 from .patterns import presence_ratio_for_band
 from .summary_text import SPACE_NOTE, _class_note, _json_safe, _layout_note, format_layout
 
-# Rows the architecture's own analysis metrics (Architecture.analysis_metrics) are computed on.
-ARCH_METRIC_ROWS = 65_536
-
 
 def _say_default(msg: str) -> None:
     print(msg, flush=True)
@@ -130,7 +127,14 @@ def analyze(cfg: AnalyzeConfig, say: Any = _say_default) -> dict[str, Any]:
     from .recovery import classification_scores, format_scores, planted_cosines
     from .report import render_report
     from .scaling import ScalingAccumulator, check_mode
-    from .scan import ActivationStats, ReconstructionStats, iter_chunks, normalised_model, scan, select_rows
+    from .scan import (
+        ActivationStats,
+        ReconstructionStats,
+        architecture_metrics,
+        normalised_model,
+        scan,
+        select_rows,
+    )
     from .spliced import format_spliced
     from .table import class_counts, latent_columns, layout_summary, thresholds_for, write_table
 
@@ -186,18 +190,9 @@ def analyze(cfg: AnalyzeConfig, say: Any = _say_default) -> dict[str, Any]:
         f"(eval mode{', calibrated inference threshold' if model.arch.calibrates else ''})"
     )
     scan(norm, cache, rows, [stats, recon, scaling, top], model.normalization(), cfg.chunk)
-    # the architecture's own numbers (Matryoshka: explained variance per prefix), on at most 65,536
-    # of the rows
-    arch_rows = rows[:: max(1, len(rows) // ARCH_METRIC_ROWS)][:ARCH_METRIC_ROWS]
-    arch_metrics = norm.arch.analysis_metrics(
-        x for _, x in iter_chunks(cache, arch_rows, model.normalization(), cfg.chunk, dev)
-    )
+    arch_metrics, n_arch = architecture_metrics(norm, cache, rows, model.normalization(), cfg.chunk, dev)
     if arch_metrics:
-        say(
-            "  "
-            + ", ".join(f"{k} {v:.4f}" for k, v in arch_metrics.items())
-            + f" ({len(arch_rows):,} tokens)"
-        )
+        say("  " + ", ".join(f"{k} {v:.4f}" for k, v in arch_metrics.items()) + f" ({n_arch:,} tokens)")
     cols = latent_columns(norm, t, stats.result(), scaling.result("ft"), scaling.result("base"))
     two_model_extras(cols, t)
     layout = model.layout

@@ -177,3 +177,22 @@ def scan(
         done += len(r)
         if progress is not None:
             progress(done, len(rows))
+
+
+#: Rows the architecture's own analysis metrics (``Architecture.analysis_metrics``) are computed on.
+ARCH_METRIC_ROWS = 65_536
+
+
+def architecture_metrics(
+    model: CrossCoder,
+    cache: PairedCache,
+    rows: np.ndarray,
+    norm: Normalization | Sequence[float],
+    chunk: int,
+    device: torch.device,
+) -> tuple[dict[str, float], int]:
+    """The architecture's own numbers (Matryoshka: explained variance per prefix) on at most
+    ``ARCH_METRIC_ROWS`` evenly spaced ``rows``; ``model`` is the normalised model. Returns the metrics
+    and the number of rows used."""
+    sub = rows[:: max(1, len(rows) // ARCH_METRIC_ROWS)][:ARCH_METRIC_ROWS]
+    return model.arch.analysis_metrics(x for _, x in iter_chunks(cache, sub, norm, chunk, device)), len(sub)

@@ -35,6 +35,7 @@ import torch
 from ..errors import DataError
 from .collect_config import (  # noqa: F401 - re-exported
     BYTES,
+    STREAM_FIELDS,
     CollectConfig,
     _check_resume,
     _gb,
@@ -139,24 +140,7 @@ def collect(
     if cfg.dry_run:
         return {"dry_run": True, "d_model": d_model, "d_models": d_models, **est, "free_bytes": free}
 
-    record.update(
-        {
-            k: getattr(cfg, k)
-            for k in (
-                "dataset",
-                "dataset_config",
-                "split",
-                "text_column",
-                "chat_template",
-                "seq_len",
-                "pack",
-                "max_norm_ratio",
-                "model_dtype",
-                "num_tokens",
-                "batch_size",
-            )
-        }
-    )
+    record.update({k: getattr(cfg, k) for k in (*STREAM_FIELDS, "model_dtype", "num_tokens", "batch_size")})
     record["tokenizer_fingerprint"] = tok_info["base"]
     record["dtype"] = cfg.dtype
     if existing is not None:

@@ -91,14 +91,8 @@ class CollectConfig:
         return sites
 
 
-# Fields of meta.json["collect"] that must match for a resume to continue the same stream.
-RESUME_KEYS = (
-    "models",
-    "revisions",
-    "base_model",
-    "ft_model",
-    "sites",
-    "site",
+# CollectConfig fields that define the token stream (recorded in meta.json["collect"]).
+STREAM_FIELDS = (
     "dataset",
     "dataset_config",
     "split",
@@ -107,6 +101,16 @@ RESUME_KEYS = (
     "seq_len",
     "pack",
     "max_norm_ratio",
+)
+# Fields of meta.json["collect"] that must match for a resume to continue the same stream.
+RESUME_KEYS = (
+    "models",
+    "revisions",
+    "base_model",
+    "ft_model",
+    "sites",
+    "site",
+    *STREAM_FIELDS,
     "tokenizer_fingerprint",
 )
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
