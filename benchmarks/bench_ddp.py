@@ -1,10 +1,12 @@
 """Scaling of training tokens/s from 1 to N processes (torchrun + DDP), printed as one JSON object.
 
     python benchmarks/bench_ddp.py --arch batchtopk --dict-size 4096 --batch-size 2048 --num-tokens 2000000
+    python benchmarks/bench_ddp.py --latent-shards 2 ...   # the N processes split the latents instead
 
 Runs ``crosscoder train`` on the built-in synthetic pair (d_model 64) with one process and with
 ``torchrun --nproc_per_node=N`` (gloo on CPU, NCCL on GPU), one torch thread per process, and reports
-the median ``tokens_per_s`` of the logged windows after the first (warm-up) one.
+the median ``tokens_per_s`` of the logged windows after the first (warm-up) one. With
+``--latent-shards S`` the N processes run as ``N / S`` data-parallel replicas of ``S`` latent shards.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def run(out: Path, nproc: int, args: argparse.Namespace) -> float:
     if nproc == 1:
         cmd = [sys.executable, "-m", "crosscoder", "train", *train]
     else:
+        if args.latent_shards > 1:
+            train += ["--latent-shards", str(args.latent_shards)]
         cmd = [
             sys.executable,
             "-m",
@@ -75,6 +79,7 @@ def main() -> None:
     p.add_argument("--num-tokens", type=int, default=2_000_000)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--latent-shards", type=int, default=1, help="latent shards among the --nproc processes")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         one = run(Path(tmp) / "one", 1, args)
@@ -86,6 +91,7 @@ def main() -> None:
                 "dict_size": args.dict_size,
                 "batch_size": args.batch_size,
                 "device": args.device,
+                "latent_shards": args.latent_shards,
                 "tokens_per_s_1": round(one),
                 f"tokens_per_s_{args.nproc}": round(many),
                 "speedup": round(many / one, 3),

@@ -18,7 +18,9 @@
 #     `torchrun --nproc_per_node=1 -m crosscoder train --cache ... --dtype bfloat16`, BatchTopK 16,384
 #     latents, batch 4096; tokens/s from its metrics.jsonl (median of the logged values after the
 #     first), host max RSS (/usr/bin/time when present) and the GPU's peak memory.used (nvidia-smi polled).
-#   * "sharded": "not implemented" while `crosscoder train` has no --latent-shards flag.
+#   * the latent-sharded path: the same run on 2 ranks with --latent-shards 2 (each rank half the latents);
+#     NCCL refuses two ranks on one GPU, so on CUDA it runs when 2 GPUs are visible and is recorded as
+#     skipped (with that reason) on one; in CPU mode two gloo processes.
 # A failing, hung or skipped step is recorded in the JSON ({"ok": false, "rc": ..., "error": ...});
 # the document is valid JSON whatever happens.
 #
@@ -143,13 +145,26 @@ print('{\"rows\": %d, \"d_model\": %d, \"dtype\": \"bfloat16\"}' % (rows, d))
     --d-latent "$DDP_DICT" --batch-size "$DDP_BATCH" --num-tokens $(( DDP_BATCH * DDP_STEPS )) \
     --val-tokens "$DDP_BATCH" --val-every 0 --save-every 0 --log-every 5 --wandb off --no-progress
   if [ -n "$SMI_PID" ]; then kill "$SMI_PID" 2> /dev/null; wait "$SMI_PID" 2> /dev/null; fi
+  # the latent-sharded path: 2 ranks, each half of the latents (NCCL refuses two ranks on one GPU, so on
+  # CUDA it needs 2 visible GPUs; on CPU two gloo processes)
+  NGPU=0
+  if [ "$DEVICE" != cpu ]; then NGPU=$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2> /dev/null || echo 0); fi
+  if [ "$DEVICE" = cpu ] || [ "$NGPU" -ge 2 ]; then
+    run_step sharded "$T_DDP" "$PYBIN/torchrun" --standalone --nproc_per_node=2 -m crosscoder train \
+      --cache "$CACHE" --out "$WORK/sharded_run" --device "$DDP_DEVICE" --dtype bfloat16 --arch batchtopk \
+      --d-latent "$DDP_DICT" --batch-size "$DDP_BATCH" --num-tokens $(( DDP_BATCH * DDP_STEPS )) \
+      --val-tokens "$DDP_BATCH" --val-every 0 --save-every 0 --log-every 5 --wandb off --no-progress \
+      --latent-shards 2
+  else
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' sharded -1 0 /dev/null /dev/null \
+      "not applicable: $NGPU GPU visible; 2 latent shards need 2 GPUs (NCCL refuses two ranks on one GPU)" >> "$STEPS_FILE"
+  fi
 fi
 
 # ------------------------------------------------------------------ --compile runs (slowest, last)
 if [ "$COMPILE" = 1 ]; then bench_pass --compile; fi
 
 SHARDED_HELP=0
-if "$PY" -m crosscoder train --help 2> /dev/null | grep -q -- "--latent-shards"; then SHARDED_HELP=1; fi
 
 # ------------------------------------------------------------------ one JSON document
 "$PY" - "$STEPS_FILE" "$WORK" "$START" "$DEVICE" "$SMALL" "$COMPILE" "$BUDGET" "$SHARDED_HELP" \
@@ -242,6 +257,26 @@ doc["bench_summary"] = [
     for k, v in bench.items()
 ]
 
+def run_rate(entry, rows, rec):
+    tps = [r["tokens_per_s"] for r in rows if isinstance(r.get("tokens_per_s"), (int, float))]
+    if tps:
+        later = tps[1:] or tps
+        entry["tokens_per_s"] = statistics.median(later)
+        entry["tokens_per_s_logged"] = [round(x, 1) for x in tps]
+        entry["steps_logged"] = rows[-1].get("step")
+    elif rec.get("ok"):
+        entry["ok"], entry["error"] = False, "no tokens_per_s in metrics.jsonl"
+
+def metric_rows(path):
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                pass
+    return rows
+
 ddp = {"config": {"arch": "batchtopk", "d_model": int(d_model), "d_latent": int(ddp_dict),
                   "batch_size": int(ddp_batch), "dtype": "bfloat16", "nproc_per_node": 1}}
 cache = steps.get("ddp_cache")
@@ -262,14 +297,7 @@ else:
                 rows.append(json.loads(line))
             except ValueError:
                 pass
-    tps = [r["tokens_per_s"] for r in rows if isinstance(r.get("tokens_per_s"), (int, float))]
-    if tps:
-        later = tps[1:] or tps
-        ddp["tokens_per_s"] = statistics.median(later)
-        ddp["tokens_per_s_logged"] = [round(x, 1) for x in tps]
-        ddp["steps_logged"] = rows[-1].get("step")
-    elif rec.get("ok"):
-        ddp["ok"], ddp["error"] = False, "no tokens_per_s in metrics.jsonl"
+    run_rate(ddp, rows, rec)
     err = Path(rec["_err"]).read_text(errors="replace") if rec.get("_err") else ""
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", err)
     if m:
@@ -280,11 +308,13 @@ else:
         if used:
             ddp["gpu_memory_used_peak_mib"] = max(used)
 doc["ddp_1gpu"] = ddp
-doc["sharded"] = (
-    "flag --latent-shards exists but this script does not exercise it yet"
-    if sharded_help == "1" else "not implemented"
-)
-failed = [k for k, v in steps.items() if not v["ok"]]
+sharded = {"config": {**ddp["config"], "nproc_per_node": 2, "latent_shards": 2}}
+rec = steps.get("sharded", {"ok": False, "rc": -1, "error": "not run (no cache)", "_err": ""})
+sharded.update(clean(rec))
+if rec.get("rc") != -1:
+    run_rate(sharded, metric_rows(work / "sharded_run" / "metrics.jsonl"), rec)
+doc["sharded"] = sharded
+failed = [k for k, v in steps.items() if not v["ok"] and not v.get("error", "").startswith("not applicable")]
 doc["failed_steps"] = failed
 doc["ok"] = not failed
 doc["elapsed_s"] = int(time.time() - int(start))

@@ -38,7 +38,8 @@ def test_gpu_check_cpu_mode_prints_one_json():
         assert res["dtype"] == "bfloat16" and res["tokens_per_s"] > 0
         assert 0 < res["frac_of_peak"] and res["peak_mem_mb"] > 0
     assert doc["ddp_1gpu"]["ok"] and doc["ddp_1gpu"]["tokens_per_s"] > 0
-    assert doc["sharded"] == "not implemented"
+    sh = doc["sharded"]  # two gloo processes, --latent-shards 2
+    assert sh["ok"] and sh["tokens_per_s"] > 0 and sh["config"]["latent_shards"] == 2
     assert doc["elapsed_s"] < 90
 
 

@@ -226,6 +226,9 @@ class TrainConfig:
         choices=("float32", "bfloat16"),
     )
     compile: bool = _f(False, "torch.compile the training step")
+    latent_shards: int = _f(
+        1, "split the latents over this many torchrun ranks (tensor parallel; must divide the ranks)"
+    )
     progress: bool = _f(True, "show a tqdm progress bar")
 
     def validate(self) -> None:
@@ -244,6 +247,8 @@ class TrainConfig:
             raise ConfigError("keep_checkpoints: must be at least 1")
         if self.threads < 1:
             raise ConfigError("threads: must be at least 1")
+        if self.latent_shards < 1:
+            raise ConfigError(f"latent_shards: must be at least 1, got {self.latent_shards}")
 
     @property
     def total_steps(self) -> int:
@@ -325,6 +330,11 @@ class RunConfig:
     def validate(self) -> None:
         self.model.validate()
         self.train.validate()
+        from .model.sharding import check_shardable
+
+        check_shardable(self.model.arch, self.model, self.train.latent_shards)
+        if self.train.latent_shards > 1 and self.train.compile:
+            raise ConfigError("latent_shards: --compile is not supported with latent sharding")
 
     def to_dict(self) -> dict[str, Any]:
         """Hugging Face style: model fields at the top level, then ``train`` and ``data`` sections."""

@@ -20,6 +20,8 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    #: the process group of these ranks (``None``: every rank, the default group)
+    group: Any = field(default=None, repr=False, compare=False)
     _flag_group: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -33,12 +35,12 @@ class Dist:
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over ranks, in place (returns ``t``)."""
         if self.enabled:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         return t
 
     def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
         if self.enabled:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return t
 
     def all_gather_cat(self, t: torch.Tensor) -> torch.Tensor:
@@ -46,7 +48,7 @@ class Dist:
         if not self.enabled:
             return t
         out = [torch.empty_like(t) for _ in range(self.world_size)]
-        dist.all_gather(out, t.contiguous())
+        dist.all_gather(out, t.contiguous(), group=self.group)
         return torch.cat(out)
 
     def any_rank(self, flag: bool) -> bool:
@@ -111,6 +113,39 @@ def _init_group(backend: str) -> None:
     store, rank, world_size = next(dist.rendezvous("env://"))
     store = dist.PrefixStore(f"crosscoder/attempt_{attempt}", store)
     dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
+
+
+def setup_mesh(d: Dist, latent_shards: int) -> tuple[Dist, Any]:
+    """The 2-D mesh ``data x latents`` over the ``W`` ranks of ``d``: ``(data, shard_group)``.
+
+    Rank ``r`` holds latent shard ``r % S`` of data-parallel replica ``r // S`` (``S = latent_shards``, so
+    the shards of one replica are neighbouring ranks: one node under NCCL). ``data`` is a :class:`Dist` over
+    the ``W / S`` ranks holding the same shard (gradients are averaged, rows shared out, over them);
+    ``shard_group`` the process group of the ``S`` ranks of this replica (for
+    :class:`~crosscoder.model.sharding.LatentShard`), ``None`` when ``S == 1`` (``data`` is then ``d``).
+    Every rank must call it (it creates the groups)."""
+    from .errors import ConfigError
+
+    s = latent_shards
+    if s <= 1:
+        return d, None
+    if d.world_size % s:
+        raise ConfigError(
+            f"latent_shards: {s} does not divide the number of processes ({d.world_size}); launch with "
+            f"torchrun --nproc_per_node=<a multiple of {s}>"
+        )
+    replicas = d.world_size // s
+    shard_group = data_group = None
+    for rep in range(replicas):  # every rank creates every group, in the same order
+        g = dist.new_group(list(range(rep * s, (rep + 1) * s)))
+        if d.rank // s == rep:
+            shard_group = g
+    for i in range(s):
+        g = dist.new_group(list(range(i, d.world_size, s)))
+        if d.rank % s == i:
+            data_group = g
+    data = Dist(d.rank // s, replicas, d.local_rank, group=data_group)
+    return data, shard_group
 
 
 def teardown(d: Dist) -> None:

@@ -28,6 +28,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aux-k", type=int, default=0)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     p.add_argument("--world-size", type=int, default=1, help="number of ranks (GPUs)")
+    p.add_argument(
+        "--latent-shards", type=int, default=1, help="ranks the latents are split over (divides --world-size)"
+    )
+    p.add_argument(
+        "--device-memory",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="memory of one device in GiB, to say whether the run fits or needs latent sharding "
+        "(default: this machine's GPU, else 80)",
+    )
     p.add_argument("--cache-tokens", type=int, default=0, help="tokens of a paired cache to size on disk")
     p.add_argument("--cache-dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -50,26 +61,36 @@ def run(args: argparse.Namespace) -> int:
         args.d_model, args.n_models = max(widths), len(widths)
     elif args.d_model is None:
         raise CrossCoderError("--d-model: required (or --d-models for models of different widths)")
-    for name in ("d_model", "dict_size", "batch_size", "n_models", "world_size", "n_sites"):
+    for name in ("d_model", "dict_size", "batch_size", "n_models", "world_size", "n_sites", "latent_shards"):
         if getattr(args, name) <= 0:
             raise CrossCoderError(f"--{name.replace('_', '-')}: must be positive")
-    pl = plan(
-        args.d_model,
-        args.dict_size,
-        args.batch_size,
-        args.n_models,
-        args.arch,
-        args.k,
-        args.aux_k,
-        args.dtype,
-        args.world_size,
-        args.cache_tokens,
-        args.cache_dtype,
-        widths,
-        args.n_sites,
+    if args.world_size % args.latent_shards:
+        raise CrossCoderError(
+            f"--latent-shards: {args.latent_shards} does not divide --world-size {args.world_size}"
+        )
+    if args.dict_size % args.latent_shards:
+        raise CrossCoderError(
+            f"--latent-shards: {args.latent_shards} does not divide --dict-size {args.dict_size}"
+        )
+    shape = dict(
+        d_model=args.d_model,
+        dict_size=args.dict_size,
+        batch_size=args.batch_size,
+        n_models=args.n_models,
+        arch=args.arch,
+        k=args.k,
+        aux_k=args.aux_k,
+        dtype=args.dtype,
+        cache_tokens=args.cache_tokens,
+        cache_dtype=args.cache_dtype,
+        d_models=widths,
+        n_sites=args.n_sites,
     )
+    pl = plan(world_size=args.world_size, latent_shards=args.latent_shards, **shape)
+    device = device_memory(args.device_memory)
+    verdict = sharding_verdict(pl, device, args, shape)
     if args.json:
-        print(json.dumps(pl.to_dict()))
+        print(json.dumps({**pl.to_dict(), **verdict}))
         return 0
     if pl.n_blocks != 2 or pl.padding_fraction:
         print(
@@ -89,4 +110,62 @@ def run(args: argparse.Namespace) -> int:
             f"cache on disk       {human(pl.cache_bytes)} for {args.cache_tokens:,} tokens "
             f"({args.cache_dtype})"
         )
+    print(f"device              {human(device)} per device: {verdict['verdict']}")
+    if verdict["launch"]:
+        print(f"launch              {verdict['launch']}")
     return 0
+
+
+def device_memory(gib: float | None) -> float:
+    """Bytes of one device: ``--device-memory``, else this machine's first GPU, else 80 GiB."""
+    if gib is not None:
+        if gib <= 0:
+            from ..errors import CrossCoderError
+
+            raise CrossCoderError("--device-memory: must be positive")
+        return gib * 2**30
+    import torch
+
+    if torch.cuda.is_available():
+        return float(torch.cuda.get_device_properties(0).total_memory)
+    return 80.0 * 2**30
+
+
+def sharding_verdict(pl: object, device: float, args: argparse.Namespace, shape: dict[str, object]) -> dict:
+    """Whether the planned run fits ``device`` bytes per rank, the latent-shard count it needs (the smallest
+    that fits on ``--world-size`` ranks, or the ranks needed when none does) and its launch line."""
+    from ..train.plan import OVERHEAD, human, plan, shards_needed
+
+    w, s = args.world_size, args.latent_shards
+    need = shards_needed(device, w, **shape)
+    out: dict[str, object] = {"device_bytes": int(device), "shards_needed": need, "launch": None}
+    fits = pl.total_bytes_per_rank * OVERHEAD <= device
+    if need is None:  # not even with every rank a shard: how many ranks would do
+        more = next(
+            (n for n in (2**i for i in range(1, 13)) if n > w and shards_needed(device, n, **shape) == n),
+            None,
+        )
+        out["verdict"] = f"does not fit on {w} rank(s) even with --latent-shards {w}" + (
+            f"; {more} ranks with --latent-shards {more} would" if more else ""
+        )
+        if more:
+            w, s = more, more
+        else:
+            return out
+    elif fits:
+        out["verdict"] = "fits" + (" without latent sharding" if s == 1 else f" with --latent-shards {s}")
+    else:
+        need_pl = plan(world_size=w, latent_shards=need, **shape)
+        out["verdict"] = (
+            f"needs latent sharding: {human(pl.total_bytes_per_rank * OVERHEAD)} per rank with overhead; "
+            f"--latent-shards {need} brings it to {human(need_pl.total_bytes_per_rank * OVERHEAD)}"
+        )
+        s = need
+    flags = f"--arch {args.arch} --dict-size {args.dict_size} --k {args.k} --batch-size {args.batch_size}"
+    if args.dtype != "float32":
+        flags += f" --dtype {args.dtype}"
+    if s > 1:
+        flags += f" --latent-shards {s}"
+    head = f"torchrun --nproc_per_node={w} -m crosscoder train" if w > 1 else "crosscoder train"
+    out["launch"] = f"{head} --cache CACHE {flags}"
+    return out

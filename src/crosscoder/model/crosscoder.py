@@ -50,6 +50,7 @@ from .registry import get_architecture
 
 if TYPE_CHECKING:
     from ..config import CrossCoderConfig
+    from .sharding import LatentShard
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -78,8 +79,7 @@ class CrossCoder(nn.Module):
         self.mixed_widths = any(w != d for w in widths)
         mask = torch.arange(d)[None, :] < torch.tensor(widths)[:, None]  # [n_models, d_model]
         self.register_buffer("width_mask", mask, persistent=False)
-        w_dec = torch.randn(h, m, d, generator=generator) * mask
-        w_dec = w_dec / w_dec.norm(dim=-1, keepdim=True) * cfg.dec_init_norm
+        w_dec = initial_decoder(cfg, mask, generator, 0, h)
         self.W_dec = nn.Parameter(w_dec)
         self.W_enc = nn.Parameter(w_dec.permute(1, 2, 0).contiguous())
         self.b_enc = nn.Parameter(torch.zeros(h))
@@ -95,6 +95,8 @@ class CrossCoder(nn.Module):
         self.register_buffer("sparsity_scale", self.layout.sparsity_scale(), persistent=False)
         self.layout.apply_(self.W_enc.data, self.W_dec.data)
         self.arch = get_architecture(cfg.arch)(self)
+        #: set when this model is one shard of a latent-sharded dictionary (:mod:`crosscoder.model.sharding`)
+        self.shard: LatentShard | None = None
         if device is not None:
             self.to(device)
 
@@ -124,9 +126,21 @@ class CrossCoder(nn.Module):
         return self.arch.activate(self.encode_pre(x), self.arch.weight(), self.training)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
-        """``f [batch, d_latent]`` -> reconstruction ``[batch, n_models, d_model]``."""
-        out = torch.addmm(self.b_dec.reshape(1, -1), f, self.W_dec.reshape(self.cfg.d_latent, -1))
+        """``f [batch, d_latent]`` -> reconstruction ``[batch, n_models, d_model]`` (a latent shard: its
+        partial sum, summed over the shards, then ``+ b_dec``)."""
+        w_dec2 = self.W_dec.reshape(self.cfg.d_latent, -1)
+        if self.shard is None:
+            out = torch.addmm(self.b_dec.reshape(1, -1), f, w_dec2)
+        else:
+            out = self.add_partials(f @ w_dec2)
         return out.view(f.shape[0], self.cfg.n_models, self.cfg.d_model)
+
+    def add_partials(self, partial: torch.Tensor) -> torch.Tensor:
+        """``partial [batch, n_models * d_model]`` (a decoder product without bias) -> ``+ b_dec``, after
+        summing it over the latent shards when this model is one."""
+        if self.shard is not None:
+            partial = self.shard.reduce(partial)
+        return partial + self.b_dec.reshape(1, -1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [batch, n_models, d_model]`` -> ``(x_hat [batch, n_models, d_model], f [batch, d_latent])``."""
@@ -312,6 +326,28 @@ class CrossCoder(nn.Module):
         from ..interop.hub import push_to_hub  # lazy: the model layer does not import interop
 
         return push_to_hub(self, repo_id, **kwargs)
+
+
+def initial_decoder(
+    cfg: CrossCoderConfig, mask: torch.Tensor, generator: torch.Generator | None, start: int, stop: int
+) -> torch.Tensor:
+    """Rows ``[start, stop)`` of the initial decoder ``[d_latent, n_models, d_model]``: Gaussian directions
+    (zero on ``mask``'s padding) of norm ``dec_init_norm`` per model, drawn from ``generator`` in row order.
+
+    Rows of a latent shard are the same numbers as in the whole dictionary without drawing it whole: the
+    rows before ``start`` are drawn in chunks and dropped, which gives the same stream because torch's CPU
+    normal sampler transforms its uniforms in independent blocks of 16 (tests/test_latent_shards.py);
+    when a row is not a multiple of 16 values the whole decoder is drawn and sliced."""
+    m, d, h = cfg.n_models, cfg.d_model, cfg.d_latent
+    if (start, stop) == (0, h) or (m * d) % 16:
+        w = torch.randn(h, m, d, generator=generator)[start:stop]
+    else:
+        chunk = max(1, (1 << 24) // (m * d))  # rows per draw (64 MiB of float32)
+        for r in range(0, start, chunk):
+            torch.randn(min(chunk, start - r), m, d, generator=generator)
+        w = torch.randn(stop - start, m, d, generator=generator)
+    w = w * mask
+    return w / w.norm(dim=-1, keepdim=True) * cfg.dec_init_norm
 
 
 def _download(repo_id: str, revision: str | None) -> Path:

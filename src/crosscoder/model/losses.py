@@ -204,5 +204,23 @@ def compute_loss(
         metrics.update({k: v.detach() for k, v in fw.losses.items()})
         metrics.update(fw.metrics)
         metrics["l0_loss"] = fw.latents.l0()
+        if model.shard is not None:
+            _sum_over_shards(model, metrics, inp, list(fw.losses), metrics.get("aux_loss"))
         metrics.update(reconstruction_metrics(x, x_hat.detach(), inp.dist_sum))
     return LossOutput(loss=loss, metrics=metrics, latents=fw.latents, x_hat=x_hat.detach())
+
+
+def _sum_over_shards(
+    model: CrossCoder, metrics: dict[str, torch.Tensor], inp: StepInput, extra: list[str], aux: Any
+) -> None:
+    """A latent shard's sums over its own latents (sparsity term, further terms, L0) -> sums over the whole
+    dictionary, and ``loss`` rebuilt from them (each shard's loss holds only its latents' terms)."""
+    keys = [k for k in (model.arch.penalty_name, *extra, "l0_loss") if k is not None]
+    vec = model.shard.sum_(torch.stack([metrics[k].float() for k in keys]))
+    metrics.update(zip(keys, vec, strict=True))
+    loss = metrics["l2_loss"] + sum((metrics[k] for k in extra), torch.zeros((), device=vec.device))
+    if model.arch.penalty_name is not None:
+        loss = loss + inp.sparsity_coeff * metrics[model.arch.penalty_name]
+    if aux is not None:
+        loss = loss + inp.aux_coeff * aux
+    metrics["loss"] = loss

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -308,3 +308,25 @@ def select_aux(
         j = masked.topk(min(aux_k, h), dim=1, sorted=False).indices.sort(dim=1).values
     flat = (torch.arange(b, device=pre.device)[:, None] * h + j).reshape(-1)
     return Selection.from_flat(flat, b, h)
+
+
+@torch.compiler.disable
+def select_aux_sharded(
+    pre: torch.Tensor, dead: torch.Tensor, aux_k: int, gather: Callable[[torch.Tensor], torch.Tensor]
+) -> DeadColumns:
+    """AuxK over latent shards: per row, the top ``aux_k`` of ``relu(pre)`` among the dead latents of every
+    shard. ``pre [B, H_s]`` and ``dead [H_s]`` are this shard's; ``gather`` concatenates a ``[B, aux_k]``
+    tensor from the shards along dim 0. Each shard sends its rows' local top ``aux_k`` values (padded with
+    -1); a row's cut-off is the ``aux_k``-th largest over all shards, and this shard keeps its positive
+    entries at or above it (ties at the cut-off aside, the single-process selection). Returns this shard's
+    dead columns with the kept mask (every shard must call it, dead latents or not)."""
+    b = pre.shape[0]
+    dead_idx = torch.nonzero(dead).squeeze(1)
+    sub = pre.detach().index_select(1, dead_idx).float().clamp_min(0)  # [B, n_dead]
+    local = torch.full((b, aux_k), -1.0, device=pre.device)
+    ka = min(aux_k, dead_idx.numel())
+    if ka:
+        local[:, :ka] = sub.topk(ka, dim=1, sorted=False).values
+    every = gather(local).view(-1, b, aux_k).permute(1, 0, 2).reshape(b, -1)  # [B, shards * aux_k]
+    cut = every.topk(aux_k, dim=1, sorted=False).values.min(dim=1, keepdim=True).values  # [B, 1]
+    return DeadColumns(dead_idx, ((sub >= cut) & (sub > 0)).to(pre.dtype))

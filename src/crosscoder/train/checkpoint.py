@@ -5,7 +5,8 @@ with the architecture's parameters and buffers such as BatchTopK's threshold, an
 counters), ``optimizer.pt`` and ``scheduler.pt`` (tensors and plain
 values only, read back with ``weights_only=True``), ``rng.pt`` (torch CPU/CUDA generator states) and
 ``state.json`` (step, tokens seen, data position, the byte size of every other file and, in the final
-checkpoint, the final metrics). Only the newest ``keep`` complete checkpoints are kept.
+checkpoint, the final metrics). Only the newest ``keep`` complete checkpoints are kept. Latent-sharded runs
+add one file per shard (:mod:`crosscoder.train.checkpoint_shards`); reading one gives the same structure.
 
 What a failure leaves (docs/training.md, "When things fail"):
 
@@ -258,6 +259,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if m and int(m.group(1)) != step:
         raise damaged("state.json", f"step {step} in the folder of step {m.group(1)}")
     for name, size in state.get("files", {}).items():  # recorded since the sizes were added
+        if not (path / name).is_file():
+            raise damaged(name, "missing")
         actual = (path / name).stat().st_size
         if actual != size:
             short = actual < size
@@ -278,6 +281,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                 loaded[key] = torch.load(path / name, weights_only=True)
         except Exception as e:  # noqa: BLE001 - a damaged file -> one line naming it
             raise damaged(name, _first_line(e)) from None
+    if "latent_shards" in state:  # a latent-sharded run's checkpoint: the whole dictionary from its shards
+        from .checkpoint_shards import assemble
+
+        assemble(path, state, loaded, damaged)
     return loaded
 
 

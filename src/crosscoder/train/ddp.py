@@ -12,6 +12,9 @@ global, so a run does not depend on the number of processes:
 * AuxK: normalised by the global residual variance; explained variance from global SSE/SST;
 * dead-latent counters: a latent fired if it fired on any rank (all-reduce MAX);
 * logged metrics: averaged over ranks at each log step; only rank 0 writes logs and checkpoints.
+
+With latent shards (``--latent-shards S``, :mod:`crosscoder.model.sharding`) all of this runs over the
+data-parallel group of the ranks holding the same shard (``d.group``), and the selection over every rank.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ def wrap(model: CrossCoder, d: Dist, device: torch.device, loss_fn: Any = comput
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [device.index] if device.type == "cuda" else None
-    return DDP(LossModule(model, loss_fn), device_ids=ids, broadcast_buffers=False)
+    return DDP(LossModule(model, loss_fn), device_ids=ids, broadcast_buffers=False, process_group=d.group)
 
 
 def global_fired(fired: torch.Tensor, d: Dist) -> torch.Tensor:

@@ -17,6 +17,15 @@ model and site, acausal crosscoder) and ``d_model`` is the largest width: narrow
 zero-padded, in memory and in the cache, so every formula above uses ``n_blocks`` and the largest width;
 ``padding_fraction`` says how much of it is padding (``1 - sum of real widths / (n_blocks * d_model)``).
 
+Latent sharding (``--latent-shards S``, ``W`` ranks: ``W / S`` data-parallel replicas of ``S`` shards):
+each rank holds ``1 / S`` of every per-latent tensor (``W_enc``, ``W_dec``, ``b_enc`` and their gradients
+and Adam moments) plus the replicated ``b_dec``; its local batch is ``batch_size * S / W`` rows, its
+activations span ``d_latent / S`` latents plus the decoder's partial sum ``[b, n_models * d_model]``
+(summed over the shards) and, for the BatchTopK family, the candidate scores gathered from every rank
+(``W * k * batch_size * S / W`` floats). A rank never holds the whole dictionary: it draws its shard of
+the initial weights from the seed's random stream (the rows before it in 64 MiB chunks, dropped), and only
+the final model is assembled, on the host. :func:`shards_needed` finds the smallest ``S`` that fits.
+
 These are estimates (allocator overheads and framework buffers come on top: budget ~10-20% more).
 """
 
@@ -43,6 +52,7 @@ class MemoryPlan:
     n_blocks: int = 2
     d_model: int = 0
     padding_fraction: float = 0.0
+    latent_shards: int = 1
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -62,30 +72,54 @@ def plan(
     cache_dtype: str = "bfloat16",
     d_models: list[int] | None = None,
     n_sites: int = 1,
+    latent_shards: int = 1,
 ) -> MemoryPlan:
     """Estimate per-rank memory (bytes) of a training step and the disk of a cache of ``cache_tokens``.
 
     ``d_models``: each model's width when they differ (then ``n_models = len(d_models)`` and ``d_model``
-    is ignored); ``n_sites``: sites read per model (blocks = models x sites)."""
+    is ignored); ``n_sites``: sites read per model (blocks = models x sites); ``latent_shards``: ranks the
+    latents are split over (``world_size`` must be a multiple)."""
     widths = list(d_models) if d_models else [d_model] * n_models
     real = sum(widths) * n_sites
     n_models, d_model = len(widths) * n_sites, max(widths)  # the model axis: blocks, padded width
-    p = 2 * n_models * d_model * dict_size + dict_size + n_models * d_model
-    param = 4 * p
-    b = -(-batch_size // world_size)
-    a = BYTES[dtype]
     md = n_models * d_model
+    s = latent_shards
+    h = -(-dict_size // s)  # latents per rank
+    p = 2 * md * h + h + md  # per rank: its shard and the replicated b_dec
+    param = 4 * p
+    replicas = max(1, world_size // s)
+    b = -(-batch_size // replicas)
+    a = BYTES[dtype]
     if get_architecture(arch).dense_latents:
-        act = a * (4 * b * dict_size + 3 * b * md)
+        act = a * (4 * b * h + 3 * b * md)
     else:
-        act = a * (2 * b * dict_size + 3 * b * md) + 16 * k * b
+        act = a * (2 * b * h + 3 * b * md) + 16 * k * b * (replicas if s > 1 else 1)
+        if s > 1:  # candidate scores gathered from every rank
+            act += 4 * world_size * k * b * replicas
+    if s > 1:  # the decoder's partial sum and its reduced copy
+        act += 2 * 4 * b * md
     if aux_k:
-        act += a * b * dict_size
-    ddp = param if world_size > 1 else 0
+        act += a * b * h
+    ddp = param if replicas > 1 else 0
     total = param + param + 2 * param + ddp + act
     cache = cache_tokens * (md * BYTES[cache_dtype] + 24)
     pad = 1.0 - real / (n_models * d_model)
-    return MemoryPlan(p, param, param, 2 * param, ddp, act, total, b, cache, n_models, d_model, pad)
+    return MemoryPlan(p, param, param, 2 * param, ddp, act, total, b, cache, n_models, d_model, pad, s)
+
+
+#: Allocator and framework overhead assumed on top of :func:`plan`'s estimate when deciding what fits.
+OVERHEAD = 1.15
+
+
+def shards_needed(device_bytes: float, world_size: int, **kwargs: object) -> int | None:
+    """The smallest latent-shard count ``S`` (a divisor of ``world_size``) whose per-rank estimate, with
+    :data:`OVERHEAD`, fits ``device_bytes``; ``None`` when even ``S = world_size`` does not."""
+    for s in range(1, world_size + 1):
+        if world_size % s == 0:
+            pl = plan(world_size=world_size, latent_shards=s, **kwargs)  # type: ignore[arg-type]
+            if pl.total_bytes_per_rank * OVERHEAD <= device_bytes:
+                return s
+    return None
 
 
 def human(n: float) -> str:

@@ -11,7 +11,7 @@ import torch
 
 from ..config import TrainConfig
 from ..distributed import LOCAL, Dist
-from ..model import CrossCoder, StepInput, compute_loss
+from ..model import CrossCoder, StepInput, compute_loss, sharding
 from ..model.selection import big_kernels, serial_small_ops
 from . import ddp
 from .schedules import l1_coeff_at, lr_lambda
@@ -42,19 +42,28 @@ class TrainStep:
         total_steps: int,
         device: torch.device,
         dist: Dist | None = None,
+        data: Dist | None = None,
     ) -> None:
         self.model, self.tc, self.total, self.device = model, tc, total_steps, device
-        self.dist = dist or LOCAL
-        self.aux_k = tc.resolved_aux_k(model.cfg.arch, model.cfg.d_latent)
+        self.dist = dist or LOCAL  # every rank: metrics are averaged over it
+        # The data-parallel ranks (rows shared out, gradients averaged): every rank, or with latent shards
+        # (model.shard) the ranks holding the same shard.
+        self.data = data or self.dist
+        self.shard = model.shard
+        d_latent = self.shard.d_latent if self.shard is not None else model.cfg.d_latent
+        self.aux_k = tc.resolved_aux_k(model.cfg.arch, d_latent)
         self.dead_tokens = tc.resolved_dead_tokens
         self.params = list(model.parameters())
+        if self.shard is not None:
+            sharded = set(sharding.latent_dims(model))
+            self.replicated = [p for n, p in model.named_parameters() if n not in sharded]
         self.opt = make_optimizer(self.params, tc, device)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lr_lambda(total_steps, tc.lr_warmup_frac, tc.lr_decay_frac)
         )
         self.since_fired = torch.zeros(model.cfg.d_latent, dtype=torch.long, device=device)
         self.loss_fn = torch.compile(compute_loss) if tc.compile else compute_loss
-        self.ddp = ddp.wrap(model, self.dist, device, self.loss_fn)  # None on one process
+        self.ddp = ddp.wrap(model, self.data, device, self.loss_fn)  # None on one process
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -77,7 +86,7 @@ class TrainStep:
         tc = self.tc
         l1 = l1_coeff_at(step, self.total, tc.l1_coeff, tc.l1_warmup_frac)
         dead = self.since_fired >= self.dead_tokens
-        d = self.dist
+        d = self.data
         inp = StepInput(
             sparsity_coeff=l1,
             l2=tc.l2_loss,
@@ -97,11 +106,12 @@ class TrainStep:
         loss.backward()
         self.model.constrain_grads()  # the latent layout (dedicated blocks, tied shared decoders)
         with big_kernels():
-            gnorm = (
-                torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm)
-                if tc.max_grad_norm > 0
-                else torch.zeros((), device=self.device)
-            )
+            if tc.max_grad_norm <= 0:
+                gnorm = torch.zeros((), device=self.device)
+            elif self.shard is not None:
+                gnorm = sharding.clip_grad_norm_(self.params, self.replicated, tc.max_grad_norm, self.shard)
+            else:
+                gnorm = torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm)
             self.opt.step()
         self.sched.step()
         fired = ddp.global_fired(latents.fired(), d)

@@ -18,11 +18,13 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
-from ..distributed import LOCAL, Dist, from_env, setup
+from ..distributed import LOCAL, Dist, from_env, setup, setup_mesh
 from ..errors import CrossCoderError
 from ..model import CrossCoder, compute_loss
 from ..model.losses import ev_moments, explained_variance_from_moments
+from ..model.sharding import LatentShard, make_shard, slice_checkpoint, whole_model
 from .checkpoint import disk_full_errors, load_newest, save_checkpoint, set_rng_state, write_final_model
+from .checkpoint_shards import save_sharded_checkpoint
 from .elastic import Stopper, elastic_resume, lock_wait
 from .lock import ending, is_lock, output_lock, prepare_folder
 from .logging import MetricsLogger
@@ -85,10 +87,17 @@ def run_training(
         d, device = setup(cfg.train.device)  # torchrun: process group from the environment
         with ending(d, agreed=Interrupted):  # no final barrier after a failure of one rank alone
             d.barrier()  # every rank checked OUT before rank 0 writes to it
+            # --latent-shards S: the 2-D mesh; data = the ranks holding the same shard (rows, gradients)
+            data, shard_group = setup_mesh(d, cfg.train.latent_shards)
+            shard = (
+                LatentShard(d.rank % cfg.train.latent_shards, cfg.train.latent_shards, 0, shard_group)
+                if shard_group is not None
+                else None
+            )
             resume = bool(d.broadcast_object(resume))  # rank 0's view of OUT decides
             if d.enabled and not d.is_main:
                 d.barrier()  # rank 0 builds a synthetic/converted cache first
-            source, info = make_source(cfg, device, d)  # validates the data before OUT is touched
+            source, info = make_source(cfg, device, data)  # validates the data before OUT is touched
             if d.enabled and d.is_main:
                 d.barrier()
             try:
@@ -96,7 +105,8 @@ def run_training(
                     prepare_folder(out, overwrite=overwrite and not resume)  # or only a killed run's temps
                 d.barrier()
                 with disk_full_errors(out):
-                    return _Loop(cfg, out, source, info, device, resume, stop_after_steps, d).run()
+                    loop = _Loop(cfg, out, source, info, device, resume, stop_after_steps, d, data, shard)
+                    return loop.run()
             finally:
                 source.close()
 
@@ -112,10 +122,13 @@ class _Loop:
         resume: bool,
         stop_after: int | None,
         dist: Dist = LOCAL,
+        data: Dist | None = None,
+        shard: LatentShard | None = None,
     ) -> None:
         tc = cfg.train
         self.cfg, self.out, self.source, self.device, self.stop_after = cfg, out, source, device, stop_after
-        self.dist = dist
+        self.dist = dist  # every rank
+        self.data = data or dist  # the data-parallel ranks (with latent shards: those holding this shard)
         cfg.model.n_models, cfg.model.d_model = source.n_models, source.d_model
         cfg.model.norm_scale = cfg.model.norm_mean = None
         cfg.model.model_names = info.get("model_names") or cfg.model.model_names
@@ -131,9 +144,13 @@ class _Loop:
         self.total = tc.total_steps
         self.aux_k = tc.resolved_aux_k(cfg.model.arch, cfg.model.d_latent)
         gen = torch.Generator().manual_seed(tc.seed)
-        self.model = CrossCoder(dataclasses.replace(cfg.model), generator=gen).to(device)
+        if shard is None:
+            self.model = CrossCoder(dataclasses.replace(cfg.model), generator=gen)
+        else:  # this rank's slice of the initial dictionary of one process
+            self.model = make_shard(dataclasses.replace(cfg.model), gen, shard)
         self.model.train()
-        self.train_step = TrainStep(self.model, tc, self.total, device, dist)
+        self.model.to(device)
+        self.train_step = TrainStep(self.model, tc, self.total, device, dist, self.data)
         self.opt, self.sched, self.since_fired = (
             self.train_step.opt,
             self.train_step.sched,
@@ -160,7 +177,10 @@ class _Loop:
         return t
 
     def _restore(self, path: Path, ck: dict[str, Any]) -> None:
-        tensors = dict(ck["tensors"])
+        tensors = dict(ck["tensors"])  # the whole dictionary, whatever mesh wrote it
+        optimizer = ck["optimizer"]
+        if self.model.shard is not None:  # this rank's slices of it
+            tensors, optimizer = slice_checkpoint(self.model, tensors, optimizer, str(path))
         with torch.no_grad():
             self.since_fired.copy_(tensors.pop("tokens_since_fired"))
             try:
@@ -169,7 +189,7 @@ class _Loop:
                 raise CrossCoderError(
                     f"{path}: checkpoint does not match the model ({str(e).splitlines()[0]})"
                 ) from None
-        self.opt.load_state_dict(ck["optimizer"])
+        self.opt.load_state_dict(optimizer)
         self.sched.load_state_dict(ck["scheduler"])
         set_rng_state(ck["rng"])
         self.source.load_state_dict(ck["state"]["data"])
@@ -177,14 +197,27 @@ class _Loop:
         self.saved_metrics = ck["state"].get("metrics", {})  # the final checkpoint's
 
     def _save(self, metrics: dict[str, Any] | None = None) -> Path | None:
-        if not self.dist.is_main:  # rank 0 alone writes checkpoints
-            return None
         state = {
             "step": self.step,
             "tokens": self.step * self.cfg.train.batch_size,
             "data": self.source.state_dict(),
             **({"metrics": metrics} if metrics else {}),
         }
+        if self.model.shard is not None:  # every rank takes part; one file per shard
+            return save_sharded_checkpoint(
+                self.out,
+                self.step,
+                self.model,
+                self.since_fired,
+                self.opt,
+                self.sched,
+                state,
+                self.cfg.train.keep_checkpoints,
+                self.dist,
+                self.data,
+            )
+        if not self.dist.is_main:  # rank 0 alone writes checkpoints
+            return None
         return save_checkpoint(
             self.out, self.step, self._tensors(), self.opt, self.sched, state, self.cfg.train.keep_checkpoints
         )
@@ -337,9 +370,10 @@ class _Loop:
             logger.close()
         metrics = {**last, **val} or self.saved_metrics  # resumed after the last step: the saved ones
         self._save(metrics)
+        full = self._whole_model()
         if not main:
             return metrics
-        final = copy.deepcopy(model).cpu().fold(self.norm_scale, self.norm_mean)
+        final = full.fold(self.norm_scale, self.norm_mean)
         write_final_model(  # config.json, then model.safetensors (a finished run), each renamed into place
             final,
             self.out,
@@ -351,6 +385,12 @@ class _Loop:
             },
         )
         return metrics
+
+    def _whole_model(self) -> CrossCoder:
+        """A CPU copy of the trained dictionary (with latent shards, assembled from every shard)."""
+        if self.model.shard is None:
+            return copy.deepcopy(self.model).cpu()
+        return whole_model(self.model, dataclasses.replace(self.cfg.model))
 
 
 class _NullLogger:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..selection import DeadColumns, Selection, select_aux
+from ..selection import DeadColumns, Selection, select_aux, select_aux_sharded
 from ..sparse import sparse_decode, sparse_encode
 from ..workspace import Workspace
 
@@ -158,7 +158,8 @@ class Architecture(nn.Module):
       in ``crosscoder plan``), ``aux_by_default`` (AuxK on unless ``--aux-k 0``), ``calibrates`` (it sets an
       inference rule from data at the end of training: :meth:`calibrate`), ``exclusive_band`` (the default
       relative-norm band of ``crosscoder analyze`` for its exclusive latents), ``default_shared_factor`` (the
-      sparsity factor of designated shared latents when ``--shared-sparsity-coeff`` is not given).
+      sparsity factor of designated shared latents when ``--shared-sparsity-coeff`` is not given),
+      ``latent_dims`` (``{name: dim}`` of its per-latent tensors, for latent sharding).
 
     ``select_method`` picks the sparse selection kernels: ``"threshold"`` (host-assisted, CPU default) or
     ``"topk"`` (no host synchronisation, default elsewhere); see :mod:`crosscoder.model.selection`.
@@ -173,6 +174,8 @@ class Architecture(nn.Module):
     calibrates: bool = False
     exclusive_band: float = 0.1
     default_shared_factor: float = 0.1
+    #: latent dimension of each of its own per-latent parameters/buffers (sliced under latent sharding)
+    latent_dims: dict[str, int] = {}
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -247,6 +250,11 @@ class Architecture(nn.Module):
         """AuxK, dense: each row's top ``aux_k`` of ``relu(pre)`` among dead latents, decoded without bias.
         Returns ``(aux_e_hat [B, M * Dm], dead.any())``."""
         model, dead = self.model, inp.dead
+        if model.shard is not None:  # each row's top aux_k over every shard's dead latents
+            cols = select_aux_sharded(pre.detach(), dead, inp.aux_k, model.shard.gather)
+            vals = torch.relu(pre.index_select(1, cols.idx)) * cols.mask
+            e_hat = model.shard.reduce(vals @ model.W_dec.reshape(model.cfg.d_latent, -1)[cols.idx])
+            return e_hat, model.shard.max_(dead.any().to(torch.uint8)).bool()
         k = min(inp.aux_k, pre.shape[1])
         dead_acts = torch.relu(pre) * dead.to(pre.dtype)  # [b, h], zero outside dead latents
         vals, idx = dead_acts.topk(k, dim=-1, sorted=False)  # [b, k]
@@ -270,9 +278,13 @@ class Architecture(nn.Module):
         encoder backward covers every selection.
         """
         w_enc2, b_enc, w_dec2, _ = self.params2()
-        sel = (
-            select_aux(acts, inp.dead, inp.aux_k, self.method(acts.device), self.ws) if inp.use_aux else None
-        )
+        shard = self.model.shard
+        if not inp.use_aux:
+            sel = None
+        elif shard is not None:  # every shard takes part (its dead latents may be none)
+            sel = select_aux_sharded(acts, inp.dead, inp.aux_k, shard.gather)
+        else:
+            sel = select_aux(acts, inp.dead, inp.aux_k, self.method(acts.device), self.ws)
         if sel is None:
             return (sparse_encode(x2, w_enc2, b_enc, acts, sels) if sels else ()), None, None
         raws = sparse_encode(x2, w_enc2, b_enc, acts, sels + (sel,))
@@ -284,6 +296,8 @@ class Architecture(nn.Module):
         else:
             vals = torch.relu(raws[-1]) * dead[sel.cols].to(raws[-1].dtype)
             e_hat = sparse_decode(vals, w_dec2, sel)
+        if shard is not None:
+            return raws[:-1], shard.reduce(e_hat), shard.max_(dead.any().to(torch.uint8)).bool()
         return raws[:-1], e_hat, dead.any()
 
     # ---------------------------------------------------------------- state beyond W_enc, b_enc, W_dec, b_dec

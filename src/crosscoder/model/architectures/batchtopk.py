@@ -114,10 +114,13 @@ class BatchTopK(Architecture):
         scores = acts * weight
         if not training and bool(self.threshold >= 0):
             return acts * (scores > self.threshold)
-        n_keep = min(self.current_k(inp) * pre.shape[0], scores.numel())
-        vals, idx = scores.flatten().topk(n_keep, sorted=False)
+        n_keep = self.current_k(inp) * pre.shape[0]
+        vals, idx = scores.flatten().topk(min(n_keep, scores.numel()), sorted=False)
         # zero scores fill the top-k when fewer than n_keep are positive: never active (class docstring)
         keep = (vals > 0).to(scores.dtype)
+        if self.model.shard is not None:  # the top n_keep over every shard's latents
+            vals = self._global_top(vals.detach(), n_keep, inp.dist if inp is not None else None)
+            keep = keep * (scores.flatten()[idx] >= vals.min()).to(scores.dtype)
         mask = torch.zeros_like(scores).flatten().scatter_(0, idx, keep).view_as(scores)
         if training:
             self.update_threshold(vals)
@@ -156,15 +159,17 @@ class BatchTopK(Architecture):
         model = self.model
         k = model.cfg.k
         weight = self.weight().float()
+        rows = list(batches)  # the count of rows fixes how many top scores are kept from each batch
+        n = sum(x.shape[0] for x in rows)
+        if n == 0:
+            return 0
         top: torch.Tensor | None = None
-        n = 0
-        for x in batches:
+        for x in rows:  # the k n + 1 largest of (the k n + 1 largest so far, this batch)
             scores = (torch.relu(model.encode_pre(x.to(model.W_enc.device).float())) * weight).flatten()
-            n += x.shape[0]
             cand = scores if top is None else torch.cat([top, scores])
             top = cand.topk(min(k * n + 1, cand.numel()), sorted=False).values
-        if top is None:
-            return 0
+        if model.shard is not None:  # every shard scored the same rows: the cut-off over all latents
+            top = self._global_top(top, k * n + 1, None)
         t = float(top.min()) if top.numel() == k * n + 1 else 0.0
         self.threshold.fill_(max(t, 0.0))
         return n
@@ -185,18 +190,32 @@ class BatchTopK(Architecture):
         (synchronising) index.
         """
         d = inp.dist
-        if d is None or d.world_size == 1:
+        replicas = d.world_size if d is not None else 1
+        if replicas == 1 and self.model.shard is None:
             flat, scores = select_batch_topk(pre, w, n_keep, method, self.ws)
             return flat, scores, scores, None
-        n_global = n_keep * d.world_size
+        n_global = n_keep * replicas
         flat, scores = select_batch_topk(pre, w, min(n_global, pre.numel()), method, self.ws)
-        padded = torch.full((n_global,), -1.0, dtype=scores.dtype, device=scores.device)
-        padded[: scores.numel()] = scores
-        top = d.all_gather_cat(padded).topk(n_global, sorted=False).values
+        top = self._global_top(scores, n_global, d)
         keep = scores >= top.min()
         if method == "topk":
             return flat, scores, top, keep.to(scores.dtype)
         return flat[keep], scores[keep], top, None
+
+    def _global_top(self, scores: torch.Tensor, n: int, d: object) -> torch.Tensor:
+        """The ``n`` largest of the candidate ``scores`` sent by every rank that shares this selection: the
+        data-parallel ranks ``d`` (each with its own rows) and, for a latent shard, every shard of them
+        (padded with -1 to ``n`` per rank)."""
+        padded = torch.full((n,), -1.0, dtype=scores.dtype, device=scores.device)
+        k = min(n, scores.numel())
+        padded[:k] = scores.topk(k, sorted=False).values if scores.numel() > n else scores
+        shard = self.model.shard
+        replicas = d.world_size if d is not None else 1
+        if shard is not None:
+            every = shard.gather(padded, world=replicas > 1)
+        else:
+            every = d.all_gather_cat(padded)
+        return every.topk(n, sorted=False).values
 
     def select(self, x2: torch.Tensor, inp: StepInput) -> tuple[Selection, torch.Tensor, torch.Tensor | None]:
         """Encoder GEMM into a reused buffer and the active entries: ``(sel, pre [B, H], mask or None)``."""
@@ -230,8 +249,8 @@ class BatchTopK(Architecture):
         acts = torch.relu(raw)  # [N]
         if mask is not None:  # "topk": zero scores and (distributed) candidates not kept globally give 0
             acts = acts * mask.to(acts.dtype)
-        _, _, w_dec2, b_dec2 = self.params2()
-        x_hat = (sparse_decode(acts, w_dec2, sel) + b_dec2).view_as(x)
+        _, _, w_dec2, _ = self.params2()
+        x_hat = self.model.add_partials(sparse_decode(acts, w_dec2, sel)).view_as(x)
         return ForwardOut(
             x_hat,
             torch.zeros((), device=x.device),

@@ -98,6 +98,7 @@ class JumpReLU(Architecture):
 
     Options = JumpReLUOptions
     penalty_name = "sparsity_loss"
+    latent_dims = {"log_threshold": 0}
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__(model)
@@ -164,4 +165,7 @@ class JumpReLU(Architecture):
             self.log_threshold.copy_(log_t)
 
     def log_metrics(self) -> dict[str, float]:
-        return {"threshold_median": float(self.theta().detach().median())}
+        theta = self.theta().detach()
+        if self.model.shard is not None:  # the median over the whole dictionary
+            theta = self.model.shard.gather(theta)
+        return {"threshold_median": float(theta.median())}

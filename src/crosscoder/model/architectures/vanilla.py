@@ -44,7 +44,12 @@ class Vanilla(Architecture):
         b = x.shape[0]
         x2 = x.reshape(b, -1)
         cdt = compute_dtype(x.device)
-        x_hat, fsum, f = dense_relu(x2, *self.params2(), self.ws, cdt)
+        w_enc2, b_enc, w_dec2, b_dec2 = self.params2()
+        if self.model.shard is None:
+            x_hat, fsum, f = dense_relu(x2, w_enc2, b_enc, w_dec2, b_dec2, self.ws, cdt)
+        else:  # this shard's partial reconstruction, summed over the shards, then + b_dec
+            partial, fsum, f = dense_relu(x2, w_enc2, b_enc, w_dec2, torch.zeros_like(b_dec2), self.ws, cdt)
+            x_hat = self.model.add_partials(partial)
         with torch.no_grad(), big_kernels():  # l0 = mean_b #{f > 0}: float compare into a reused buffer
             tmp = self.ws.get("grad_pre", tuple(f.shape), f.dtype, f.device)
             l0 = torch.gt(f, 0, out=tmp).sum(-1, dtype=torch.float32).mean()
