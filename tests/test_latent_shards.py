@@ -302,3 +302,46 @@ def test_disk_full_during_a_sharded_checkpoint(tmp_path):
         load_file(str(tmp_path / "sh.done" / "model.safetensors")),
     )
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_elastic_restart_of_a_sharded_run(tmp_path):
+    """Rank 1 of a 2-shard run SIGKILLs itself after step 10 under --max-restarts 1: torchrun restarts both
+    workers, which resume from the sharded checkpoint of step 8 by themselves; the weights equal an
+    uninterrupted 2-shard run bit for bit."""
+    from test_distributed import ARGS
+
+    flags = [
+        *ARGS,
+        "--arch",
+        "batchtopk",
+        "--save-every",
+        "4",
+        "--log-every",
+        "1",
+        "--num-tokens",
+        str(256 * 20),
+    ]
+    flags += ["--latent-shards", "2"]
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    assert launch(ref, *flags, nproc=2).returncode == 0
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "--max-restarts=1",
+    ]
+    r = subprocess.run(
+        [*cmd, "-m", "crosscoder", "train", "--out", str(out), *flags],
+        env={**env(), "CROSSCODER_TEST_KILL_AT_STEP": "1:10"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0 and "exitcode: -9" in r.stderr, r.stderr[-3000:]
+    steps = [json.loads(ln)["step"] for ln in open(out / "metrics.jsonl") if '"loss"' in ln]
+    assert steps == list(range(1, 21))
+    a, b = load_file(str(ref / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -132,7 +132,7 @@ def setup_mesh(d: Dist, latent_shards: int) -> tuple[Dist, Any]:
     if d.world_size % s:
         raise ConfigError(
             f"latent_shards: {s} does not divide the number of processes ({d.world_size}); launch with "
-            f"torchrun --nproc_per_node=<a multiple of {s}>"
+            f"torchrun --nproc_per_node=<a multiple of {s}> (or resume a sharded run with --latent-shards 1)"
         )
     replicas = d.world_size // s
     shard_group = data_group = None
