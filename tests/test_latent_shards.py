@@ -345,3 +345,21 @@ def test_elastic_restart_of_a_sharded_run(tmp_path):
     assert steps == list(range(1, 21))
     a, b = load_file(str(ref / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_on_the_fly_training_with_latent_shards(tmp_path):
+    """On-the-fly training (models run while training) on 2 latent shards: both shards of the one replica
+    read the same rows, so the run equals one process (same tolerances as above)."""
+    from test_onthefly_dist import ARGS as OTF_ARGS
+    from test_onthefly_dist import data_args
+
+    flags = [*data_args(), *OTF_ARGS]
+    r1 = launch(tmp_path / "one", *flags)
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    r2 = launch(tmp_path / "two", *flags, "--latent-shards", "2", nproc=2)
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    assert len(flipped_latents(tmp_path / "one", tmp_path / "two")) <= MAX_FLIPPED
+    m1 = json.loads((tmp_path / "one" / "config.json").read_text())["metrics"]
+    m2 = json.loads((tmp_path / "two" / "config.json").read_text())["metrics"]
+    assert m1["val/explained_variance"] == pytest.approx(m2["val/explained_variance"], rel=1e-4, abs=1e-5)

@@ -308,6 +308,7 @@ class DataConfig:
     seq_len: int = _f(128, "on-the-fly: tokens per sequence (packed or truncated)")
     model_batch_size: int = _f(32, "on-the-fly: sequences per model forward")
     buffer_tokens: int = _f(262_144, "on-the-fly: paired activations held by the buffer")
+    refill_overlap: bool = _f(True, "on-the-fly: build the next buffer generation in a background thread")
     model_dtype: str = _f(
         "float32", "on-the-fly: dtype the models run in", choices=("float32", "bfloat16", "float16")
     )

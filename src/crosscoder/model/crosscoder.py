@@ -67,7 +67,10 @@ class CrossCoder(nn.Module):
         cfg: CrossCoderConfig,
         generator: torch.Generator | None = None,
         device: str | torch.device | None = None,
+        empty: bool = False,
     ) -> None:
+        """``empty``: allocate ``W_enc``/``W_dec`` without initialising them (no random draw, no pages
+        touched), for weights loaded right after (:meth:`from_pretrained`, assembling latent shards)."""
         super().__init__()
         cfg.validate()
         if cfg.d_model <= 0:
@@ -79,9 +82,9 @@ class CrossCoder(nn.Module):
         self.mixed_widths = any(w != d for w in widths)
         mask = torch.arange(d)[None, :] < torch.tensor(widths)[:, None]  # [n_models, d_model]
         self.register_buffer("width_mask", mask, persistent=False)
-        w_dec = initial_decoder(cfg, mask, generator, 0, h)
+        w_dec = torch.empty(h, m, d) if empty else initial_decoder(cfg, mask, generator, 0, h)
         self.W_dec = nn.Parameter(w_dec)
-        self.W_enc = nn.Parameter(w_dec.permute(1, 2, 0).contiguous())
+        self.W_enc = nn.Parameter(torch.empty(m, d, h) if empty else w_dec.permute(1, 2, 0).contiguous())
         self.b_enc = nn.Parameter(torch.zeros(h))
         self.b_dec = nn.Parameter(torch.zeros(m, d))
         scale = torch.tensor(cfg.norm_scale if cfg.norm_scale is not None else [1.0] * m, dtype=torch.float32)
@@ -93,7 +96,8 @@ class CrossCoder(nn.Module):
         self.register_buffer("norm_mean", mean, persistent=False)
         self.layout = LatentLayout.of(cfg)
         self.register_buffer("sparsity_scale", self.layout.sparsity_scale(), persistent=False)
-        self.layout.apply_(self.W_enc.data, self.W_dec.data)
+        if not empty:
+            self.layout.apply_(self.W_enc.data, self.W_dec.data)
         self.arch = get_architecture(cfg.arch)(self)
         #: set when this model is one shard of a latent-sharded dictionary (:mod:`crosscoder.model.sharding`)
         self.shard: LatentShard | None = None
@@ -308,7 +312,7 @@ class CrossCoder(nn.Module):
         cfg = CrossCoderConfig(
             **{f.name: raw[f.name] for f in dataclasses.fields(CrossCoderConfig) if f.name in raw}
         )
-        model = cls(cfg)
+        model = cls(cfg, empty=True)  # every weight is read from the file below
         try:
             tensors = load_file(str(w_path))
         except Exception as e:  # noqa: BLE001 - corrupt file -> one line

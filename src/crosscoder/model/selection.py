@@ -313,20 +313,22 @@ def select_aux(
 @torch.compiler.disable
 def select_aux_sharded(
     pre: torch.Tensor, dead: torch.Tensor, aux_k: int, gather: Callable[[torch.Tensor], torch.Tensor]
-) -> DeadColumns:
+) -> Selection:
     """AuxK over latent shards: per row, the top ``aux_k`` of ``relu(pre)`` among the dead latents of every
     shard. ``pre [B, H_s]`` and ``dead [H_s]`` are this shard's; ``gather`` concatenates a ``[B, aux_k]``
     tensor from the shards along dim 0. Each shard sends its rows' local top ``aux_k`` values (padded with
     -1); a row's cut-off is the ``aux_k``-th largest over all shards, and this shard keeps its positive
-    entries at or above it (ties at the cut-off aside, the single-process selection). Returns this shard's
-    dead columns with the kept mask (every shard must call it, dead latents or not)."""
-    b = pre.shape[0]
+    entries at or above it (ties at the cut-off aside, the single-process selection): at most ``aux_k``
+    per row over all shards, returned as this shard's :class:`Selection` (every shard must call it, dead
+    latents or not)."""
+    b, h = pre.shape
     dead_idx = torch.nonzero(dead).squeeze(1)
-    sub = pre.detach().index_select(1, dead_idx).float().clamp_min(0)  # [B, n_dead]
+    sub = pre.detach().index_select(1, dead_idx).float().clamp_min_(0)  # [B, n_dead]
     local = torch.full((b, aux_k), -1.0, device=pre.device)
     ka = min(aux_k, dead_idx.numel())
     if ka:
         local[:, :ka] = sub.topk(ka, dim=1, sorted=False).values
     every = gather(local).view(-1, b, aux_k).permute(1, 0, 2).reshape(b, -1)  # [B, shards * aux_k]
     cut = every.topk(aux_k, dim=1, sorted=False).values.min(dim=1, keepdim=True).values  # [B, 1]
-    return DeadColumns(dead_idx, ((sub >= cut) & (sub > 0)).to(pre.dtype))
+    rows, j = torch.nonzero((sub >= cut) & (sub > 0), as_tuple=True)  # row-major: flat indices ascending
+    return Selection.from_flat(rows * h + dead_idx[j], b, h)

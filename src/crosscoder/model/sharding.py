@@ -239,21 +239,25 @@ def make_shard(cfg: Any, generator: torch.Generator | None, shard: LatentShard) 
 
 
 @torch.no_grad()
-def gather_state(model: Any, extra: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The whole dictionary's state dict from the shards (every shard of the group receives it), plus
-    ``extra`` per-latent tensors ``[H/S, ...]`` (e.g. counters), gathered the same way along dim 0."""
+def gather_state(model: Any) -> dict[str, torch.Tensor] | None:
+    """The whole dictionary's state dict, gathered from the shards of ``model``'s group onto the group's
+    first shard (``None`` on the others); every shard of the group must call it."""
     dims = latent_dims(model)
-    state = dict(model.state_dict())
-    for k, v in (extra or {}).items():
-        state[k], dims[k] = v, 0
+    shard = model.shard
+    dst = dist.get_global_rank(shard.group, 0) if shard.group is not None else 0
+    first = dist.get_rank() == dst
     out = {}
-    for k, v in state.items():
-        if k in dims:
-            moved = v.movedim(dims[k], 0).contiguous()
-            out[k] = model.shard.gather(moved).movedim(0, dims[k]).contiguous()
-        else:
+    for k, v in model.state_dict().items():
+        if k not in dims:
             out[k] = v
-    return out
+            continue
+        moved = v.movedim(dims[k], 0).contiguous()
+        parts = [torch.empty_like(moved) for _ in range(shard.count)] if first else None
+        dist.gather(moved, parts, dst=dst, group=shard.group)
+        if first:
+            out[k] = torch.cat(parts).movedim(0, dims[k]).contiguous()
+            del parts
+    return out if first else None
 
 
 def slice_checkpoint(
@@ -274,12 +278,14 @@ def slice_checkpoint(
 
 
 def whole_model(model: Any, cfg: Any) -> Any:
-    """The whole dictionary (config ``cfg``) on the CPU, assembled from the shard ``model`` and the others of
-    its group (every shard of the group receives it: one all-gather per tensor)."""
+    """The whole dictionary (config ``cfg``) on the CPU of the group's first shard, assembled from the shard
+    ``model`` and the others of its group (one gather per tensor); ``None`` on the other shards. Only that
+    rank ever holds the whole dictionary, once (the gathered tensors become the model's)."""
     from .crosscoder import CrossCoder
 
-    state = {k: v.cpu() for k, v in gather_state(model).items()}
-    whole = CrossCoder(cfg, generator=torch.Generator().manual_seed(0))  # weights replaced below
-    with torch.no_grad():
-        whole.load_state_dict(state)
+    state = gather_state(model)
+    if state is None:
+        return None
+    whole = CrossCoder(cfg, empty=True)
+    whole.load_state_dict({k: v.cpu() for k, v in state.items()}, assign=True)
     return whole.train(model.training)

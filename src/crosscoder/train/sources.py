@@ -120,19 +120,14 @@ def make_source(
     recorded in ``config.json``."""
     d = cfg.data
     if d.base_model or d.ft_model or d.dataset:
-        if dist.enabled:
-            raise DataError(
-                "on-the-fly training runs on one process; under torchrun, `crosscoder collect` "
-                "a cache first and train with --cache"
-            )
         missing = [n for n in ("base_model", "ft_model", "site", "dataset") if not getattr(d, n)]
         if missing:
             raise DataError(
                 "on-the-fly training needs " + ", ".join("--" + m.replace("_", "-") for m in missing)
             )
-        from ..data.buffer import buffer_source
+        from ..data.buffer_source import buffer_source
 
-        src = buffer_source(cfg, device)
+        src = buffer_source(cfg, device, dist)  # under torchrun: this rank's share of the text
         return src, dict(src.info)
     info: dict[str, Any] = {}
     if d.cache:

@@ -370,10 +370,13 @@ class _Loop:
             logger.close()
         metrics = {**last, **val} or self.saved_metrics  # resumed after the last step: the saved ones
         self._save(metrics)
-        full = self._whole_model()
+        if self.model.shard is not None and self.data.rank == 0:  # the first replica's shards
+            whole = whole_model(self.model, dataclasses.replace(self.cfg.model))  # on rank 0, else None
         if not main:
             return metrics
-        final = full.fold(self.norm_scale, self.norm_mean)
+        if self.model.shard is None:
+            whole = copy.deepcopy(model).cpu()
+        final = whole.fold(self.norm_scale, self.norm_mean)
         write_final_model(  # config.json, then model.safetensors (a finished run), each renamed into place
             final,
             self.out,
@@ -385,12 +388,6 @@ class _Loop:
             },
         )
         return metrics
-
-    def _whole_model(self) -> CrossCoder:
-        """A CPU copy of the trained dictionary (with latent shards, assembled from every shard)."""
-        if self.model.shard is None:
-            return copy.deepcopy(self.model).cpu()
-        return whole_model(self.model, dataclasses.replace(self.cfg.model))
 
 
 class _NullLogger:

@@ -251,9 +251,10 @@ class Architecture(nn.Module):
         Returns ``(aux_e_hat [B, M * Dm], dead.any())``."""
         model, dead = self.model, inp.dead
         if model.shard is not None:  # each row's top aux_k over every shard's dead latents
-            cols = select_aux_sharded(pre.detach(), dead, inp.aux_k, model.shard.gather)
-            vals = torch.relu(pre.index_select(1, cols.idx)) * cols.mask
-            e_hat = model.shard.reduce(vals @ model.W_dec.reshape(model.cfg.d_latent, -1)[cols.idx])
+            sel = select_aux_sharded(pre.detach(), dead, inp.aux_k, model.shard.gather)
+            mask = torch.zeros(pre.numel(), dtype=pre.dtype, device=pre.device).index_fill_(0, sel.flat, 1)
+            w_flat = model.W_dec.reshape(model.cfg.d_latent, -1)  # [h, m*d]
+            e_hat = model.shard.reduce((torch.relu(pre) * mask.view_as(pre)) @ w_flat)
             return e_hat, model.shard.max_(dead.any().to(torch.uint8)).bool()
         k = min(inp.aux_k, pre.shape[1])
         dead_acts = torch.relu(pre) * dead.to(pre.dtype)  # [b, h], zero outside dead latents

@@ -164,9 +164,11 @@ class BatchTopK(Architecture):
         if n == 0:
             return 0
         top: torch.Tensor | None = None
-        for x in rows:  # the k n + 1 largest of (the k n + 1 largest so far, this batch)
-            scores = (torch.relu(model.encode_pre(x.to(model.W_enc.device).float())) * weight).flatten()
-            cand = scores if top is None else torch.cat([top, scores])
+        for x in rows:  # the k n + 1 largest of (the k n + 1 largest so far, this batch's)
+            scores = model.encode_pre(x.to(model.W_enc.device).float()).relu_().mul_(weight).flatten()
+            best = scores.topk(min(k * n + 1, scores.numel()), sorted=False).values
+            del scores  # one [rows, d_latent] temporary at a time
+            cand = best if top is None else torch.cat([top, best])
             top = cand.topk(min(k * n + 1, cand.numel()), sorted=False).values
         if model.shard is not None:  # every shard scored the same rows: the cut-off over all latents
             top = self._global_top(top, k * n + 1, None)
