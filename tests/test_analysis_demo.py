@@ -173,7 +173,8 @@ def test_analyze_cli_on_the_tiny_pair_and_report_in_chromium(tiny, tmp_path):
     w, h, colours = _png_size_and_colours(shot)
     assert (w, h) == (1200, 900) and colours > 5
     table_view = check_page(out / "report.html", anchor="table")  # the table view also opens the first card
-    assert table_view.ok and '<div class="card">' in table_view.dom and 'class="tok mark"' in table_view.dom
+    assert table_view.ok and '<div class="card" data-latent=' in table_view.dom
+    assert 'class="tok mark"' in table_view.dom and '<svg class="hist"' in table_view.dom
     # The check is not vacuous: a script error and a failed load are reported.
     broken = tmp_path / "broken.html"
     broken.write_text(

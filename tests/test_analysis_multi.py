@@ -30,7 +30,7 @@ TWO_MODEL_COLUMNS = [
     "mean_act_all", "max_act", "n_active", "dead", "beta_ratio_error", "beta_ratio_reconstruction",
     "beta_error_base", "beta_error_ft", "beta_reconstruction_base", "beta_reconstruction_ft",
     "beta_ratio_error_mirror", "beta_ratio_reconstruction_mirror", "class", "norm_class", "flag", "kind",
-    "layout_nu_error", "layout_nu_reconstruction", "layout_check",
+    "layout_nu_error", "layout_nu_reconstruction", "layout_check", "class_reason",
 ]  # fmt: skip
 TWO_MODEL_KEYS = {
     "arch", "architecture_metrics", "classes", "classes_scope", "d_latent", "d_model", "data", "dead",

@@ -243,3 +243,20 @@ def test_demo_command_small(
     assert "data: base" in out and "also built ft2" in out and "checkpoints/step_{10,20,30,40}" in out
     assert "building the demo pair" not in out  # cached
     assert (tmp_path / "demo" / "crosscoder" / "model.safetensors").is_file()
+    # the demo analyzes its run; the story figures come from the corpus's `domain` column
+    summary = json.loads((tmp_path / "demo" / "report" / "summary.json").read_text())
+    story = summary["story"]
+    assert "story" in out and f"{story['shared']} shared latents, median decoder cosine" in out
+    import pandas as pd
+
+    table = pd.read_parquet(tmp_path / "demo" / "report" / "latents.parquet")
+    shared = table[table["class"] == "shared"]
+    assert story["shared"] == len(shared) > 0
+    median = float(np.median(shared["cos_sim"]))
+    assert story["shared_median_cos"] == pytest.approx(median, abs=1e-5)  # summary.json rounds to 5 digits
+    confirmed = table[(table["class"] == "ft_only") & (table["kind"] == "free")]
+    assert story["ft_only_confirmed"] == len(confirmed)
+    assert sorted(story["ft_only_latents"]) == sorted(confirmed["latent"].tolist())
+    if story["ft_only_contexts"]:
+        assert sum(story["ft_only_domains"].values()) == pytest.approx(1.0)
+        assert story["ft_only_code_fraction"] == story["ft_only_domains"].get("code", 0.0)

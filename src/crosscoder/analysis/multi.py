@@ -16,7 +16,9 @@ Used for every crosscoder except the classic pair (two models, one site, one wid
 * ``ls_model`` (the reference model of Latent Scaling: largest norm), ``nu_error_<i>``,
   ``nu_reconstruction_<i>`` (:mod:`crosscoder.analysis.multi_scaling`);
 * activation statistics as in the two-model table (``freq``, ``mean_act``, ``mean_act_all``,
-  ``max_act``, ``n_active``, ``dead``).
+  ``max_act``, ``n_active``, ``dead``);
+* ``class_reason``: one line per latent saying why it has its class
+  (:func:`crosscoder.analysis.cards.multi_class_reasons`).
 
 **Classes.** ``norm_class`` by pattern alone: ``shared`` (present in every model), ``exclusive`` (one
 model), ``partial`` (a proper subset of two or more), ``other`` (no decoder at all). ``class`` keeps that
@@ -142,6 +144,9 @@ def multi_columns(
     cols["kind"] = kinds
     tied = kinds == "designated_shared"  # decoder tied across the models: shared by construction
     cols["class"][tied], cols["flag"][tied] = "shared", ""
+    from .cards import multi_class_reasons
+
+    cols["class_reason"] = multi_class_reasons(cols, present, t)
     return cols, present
 
 

@@ -119,6 +119,7 @@ def analyze_multi(
     from ..io import atomic_dir, write_json
     from . import multi_plots, plots
     from . import multi_report as mr
+    from .cards import ActivationHistogram, histogram_payload
     from .checkpoints import checkpoint_summary, model_order
     from .contexts import TopActivations, build_contexts
     from .export_formats import write_exports
@@ -137,12 +138,12 @@ def analyze_multi(
     h = model.cfg.d_latent
     stats, recon = ActivationStats(h, dev), BlockReconstructionStats(layout, model.cfg.d_model)
     scaling = MultiScalingAccumulator(norm, layout, mode=cfg.latent_scaling_target)
-    top = TopActivations(h, cfg.top_k, dev)
+    top, hist = TopActivations(h, cfg.top_k, dev), ActivationHistogram(h, device=dev)
     say(
         f"scanning {len(rows):,} tokens ({layout.n_models} models, {layout.n_sites} site(s), "
         f"{layout.n_blocks} blocks; eval mode)"
     )
-    scan(norm, cache, rows, [stats, recon, scaling, top], model.normalization(), cfg.chunk)
+    scan(norm, cache, rows, [stats, recon, scaling, top, hist], model.normalization(), cfg.chunk)
     arch_metrics, _ = architecture_metrics(norm, cache, rows, model.normalization(), cfg.chunk, dev)
     cols, present = multi_columns(norm, layout, t, stats.result(), scaling.result())
     live = ~cols["dead"]
@@ -198,11 +199,12 @@ def analyze_multi(
     tok = _tokenizer(_with_revision(*specs[0]), say) if specs else None
     has_ids = bool(cache.read_index(np.array([0]))[0, 0] >= 0)
     vals, top_rows = top.result()
+    cards = _card_latents(cols, cfg.max_cards)
     contexts = build_contexts(
         norm,
         cache,
         model.normalization(),
-        _card_latents(cols, cfg.max_cards),
+        cards,
         vals,
         top_rows,
         tok if has_ids else None,
@@ -280,6 +282,8 @@ def analyze_multi(
             columns=mr.table_columns(cols),
             class_names=("shared", "exclusive", "partial", "other"),
             flags=mr.MULTI_FLAGS,
+            histograms=histogram_payload(hist.result(), cards),
+            models=list(layout.model_names),
         )
         if cfg.export:
             summary["exports"] = write_exports(tmp, cfg.export, cols, contexts, summary, cache)

@@ -122,6 +122,7 @@ def analyze(cfg: AnalyzeConfig, say: Any = _say_default) -> dict[str, Any]:
     """Run the analysis; returns the summary (also written to ``summary.json``)."""
     from ..io import atomic_dir, write_json
     from . import plots
+    from .cards import ActivationHistogram, histogram_payload
     from .contexts import TopActivations, build_contexts
     from .export_formats import write_exports
     from .recovery import classification_scores, format_scores, planted_cosines
@@ -184,12 +185,12 @@ def analyze(cfg: AnalyzeConfig, say: Any = _say_default) -> dict[str, Any]:
     h = model.cfg.d_latent
     stats, recon = ActivationStats(h, dev), ReconstructionStats(2)
     scaling = ScalingAccumulator(norm, mode=cfg.latent_scaling_target)
-    top = TopActivations(h, cfg.top_k, dev)
+    top, hist = TopActivations(h, cfg.top_k, dev), ActivationHistogram(h, device=dev)
     say(
         f"scanning {len(rows):,} tokens "
         f"(eval mode{', calibrated inference threshold' if model.arch.calibrates else ''})"
     )
-    scan(norm, cache, rows, [stats, recon, scaling, top], model.normalization(), cfg.chunk)
+    scan(norm, cache, rows, [stats, recon, scaling, top, hist], model.normalization(), cfg.chunk)
     arch_metrics, n_arch = architecture_metrics(norm, cache, rows, model.normalization(), cfg.chunk, dev)
     if arch_metrics:
         say("  " + ", ".join(f"{k} {v:.4f}" for k, v in arch_metrics.items()) + f" ({n_arch:,} tokens)")
@@ -261,17 +262,24 @@ def analyze(cfg: AnalyzeConfig, say: Any = _say_default) -> dict[str, Any]:
     tok = _tokenizer(base_spec, say)
     has_ids = bool(cache.read_index(np.array([0]))[0, 0] >= 0)
     vals, top_rows = top.result()
+    cards = card_latents(cols, cfg.max_cards)
     contexts = build_contexts(
         norm,
         cache,
         model.normalization(),
-        card_latents(cols, cfg.max_cards),
+        cards,
         vals,
         top_rows,
         tok if has_ids else None,
         cfg.context_left,
         cfg.context_right,
     )
+    from .story import format_story, story_section
+
+    story = story_section(cols, contexts, meta, tok if has_ids else None, t.latent_scaling)
+    if story is not None:  # a corpus with a `domain` column (the demo's)
+        summary["story"] = story
+        say(format_story(story))
     # Spliced-in evaluation.
     summary["spliced"] = None
     site = cfg.site or model.cfg.site or meta.get("site")
@@ -319,6 +327,7 @@ def analyze(cfg: AnalyzeConfig, say: Any = _say_default) -> dict[str, Any]:
         )
         info.update(arch_metrics)
         notes = [_class_note(t)] + ([_layout_note(n_free, h)] if layout.constrained else [])
+        names = [*(model.cfg.model_names or []), None, None][:2]
         render_report(
             tmp / "report.html",
             title=f"Crosscoder diff: {Path(cfg.run_dir).name}",
@@ -333,6 +342,10 @@ def analyze(cfg: AnalyzeConfig, say: Any = _say_default) -> dict[str, Any]:
             notes=notes,
             layout=summary["layout"] if layout.constrained else None,
             comparison=summary.get("comparison"),
+            histograms=histogram_payload(hist.result(), cards),
+            models=[
+                f"{role} ({n})" if n else role for role, n in zip(("base", "fine-tuned"), names, strict=True)
+            ],
         )
         if cfg.export:
             summary["exports"] = write_exports(tmp, cfg.export, cols, contexts, summary, cache)

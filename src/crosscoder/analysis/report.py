@@ -4,10 +4,13 @@ nothing is fetched from the network).
 Sections: summary (class counts by norm alone and after Latent Scaling, the latent layout and its
 partition checks when the crosscoder has one, the comparison with another crosscoder when asked,
 reconstruction, spliced-in evaluation, ground truth when known), the figures, a sortable and
-filterable latent table, and a card per latent (decoder metrics, Latent Scaling, top activating
-contexts with the activating token marked), shown when a row is clicked; the cards of the first rows
-of the current view are listed below the table. Script errors are written into ``#js-errors``
-(browser tests read the DOM).
+filterable latent table (text search over latent index, class, flag, pattern, class reason and context
+text; filters by class, class by norm, flag, pattern, frequency), and a card per latent, shown when a row
+is clicked (the reason for its class, its activation histogram, decoder norms per model, Latent Scaling
+nu values, top activating contexts with the activating token marked: :mod:`crosscoder.analysis.cards`,
+drawn by :data:`crosscoder.analysis.card_assets.CARD_JS`); the cards of the first rows of the current
+view are listed below the table. Script errors are written into ``#js-errors`` (browser tests read the
+DOM).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from .card_assets import CARD_CSS, CARD_JS
+from .cards import card_columns
 from .report_assets import CSS, HOOK, JS
 
 TABLE_COLUMNS = (
@@ -75,15 +80,20 @@ def _clean(v: Any) -> Any:
     return v
 
 
-def table_rows(cols: dict[str, np.ndarray], columns: Sequence[str] = TABLE_COLUMNS) -> dict[str, Any]:
-    """Column-major table data for the page: ``{"columns": [...], "rows": [[...], ...]}``."""
+def table_rows(
+    cols: dict[str, np.ndarray], columns: Sequence[str] = TABLE_COLUMNS, hidden: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Table data for the page: ``{"columns": [...], "hidden": [...], "rows": [[...], ...]}`` (one row per
+    latent, one value per column); ``hidden`` columns (read by the cards) follow ``columns`` in each row
+    and are not shown in the table."""
     free_only = "kind" in cols and bool(np.all(cols["kind"] == "free"))  # no layout: no layout columns shown
     names = [c for c in columns if c in cols and not (free_only and c in LAYOUT_COLUMNS)]
+    extra = [c for c in hidden if c in cols and c not in names]
     rows = [
-        [_clean(cols[c][i].item() if hasattr(cols[c][i], "item") else cols[c][i]) for c in names]
+        [_clean(cols[c][i].item() if hasattr(cols[c][i], "item") else cols[c][i]) for c in names + extra]
         for i in range(len(cols["latent"]))
     ]
-    return {"columns": names, "rows": rows}
+    return {"columns": names + extra, "hidden": extra, "rows": rows}
 
 
 def _img(path: Path) -> str:
@@ -266,21 +276,30 @@ def render_report(
     columns: Sequence[str] = TABLE_COLUMNS,
     class_names: Sequence[str] = CLASS_OPTIONS,
     flags: Sequence[str] = FLAG_OPTIONS,
+    histograms: dict[str, Any] | None = None,
+    models: Sequence[str] | None = None,
 ) -> Path:
     """Write the page to ``path`` (atomically). ``layout``: :func:`~crosscoder.analysis.table.layout_summary`
     (a constrained crosscoder); ``comparison``: :func:`~crosscoder.analysis.compare.compare_runs`' summary.
     For n models (:mod:`crosscoder.analysis.multi_report`): ``counts_html`` replaces the class table,
     ``sections`` ``(title, html)`` follow it, ``columns`` are the latent table's columns, ``class_names``
-    and ``flags`` the filter choices."""
+    and ``flags`` the filter choices. ``histograms``: :func:`~crosscoder.analysis.cards.histogram_payload`;
+    ``models``: a label per model for the cards' decoder-norm bars."""
     from ..io import atomic_path
 
-    data = {"table": table_rows(cols, columns), "contexts": {str(k): v for k, v in contexts.items()}}
+    data = {
+        "table": table_rows(cols, columns, card_columns(cols)),
+        "contexts": {str(k): v for k, v in contexts.items()},
+        "hist": histograms or {"bins": 0, "latents": {}},
+        "models": list(models or []),
+        "thresholds": thresholds or {},
+    }
     payload = json.dumps(_clean(data), separators=(",", ":")).replace("</", "<\\/")
     opts = lambda vals: "<option value=''>all</option>" + "".join(f"<option>{v}</option>" for v in vals)  # noqa: E731
     figs = "".join(_img(p) for p in figures.values())
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
+        f"<title>{html.escape(title)}</title><style>{CSS}{CARD_CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1><div id='js-errors' data-count='0'></div><script>{HOOK}</script>",
         "<div class='note'>status: <span id='status'>loading</span></div>",
         "<div class='overview'><h2>Summary</h2>",
@@ -312,6 +331,8 @@ def render_report(
         "<h2>Figures</h2>",
         f"<div class='figs'>{figs}</div></div>",
         "<h2 id='latents-section'>Latents</h2><div id='controls'>",
+        "<label>search <input id='f-search' type='search' placeholder='latent, class, reason, context text' "
+        "style='width:240px'></label>",
         f"<label>class <select id='f-class'>{opts(class_names)}</select></label>",
         f"<label>class by norm <select id='f-norm'>{opts(class_names)}</select></label>",
         "<label>pattern <input id='f-pattern' style='width:70px'></label>" if "pattern" in cols else "",
@@ -334,7 +355,7 @@ def render_report(
         "<thead><tr id='thead'></tr></thead><tbody id='tbody'></tbody></table></div>",
         "<h2>Latent cards (first rows of the current view)</h2><div id='cards'></div>",
         f"<script type='application/json' id='report-data'>{payload}</script>",
-        f"<script>{JS}</script></body></html>",
+        f"<script>{CARD_JS}</script><script>{JS}</script></body></html>",
     ]
     with atomic_path(path) as tmp:
         tmp.write_text("".join(parts), encoding="utf-8")

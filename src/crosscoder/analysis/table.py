@@ -209,7 +209,8 @@ def latent_columns(
     """The latent table as a dict of equal-length ``[d_latent]`` columns (no pandas needed).
 
     ``stats``: :meth:`crosscoder.analysis.scan.ActivationStats.result`; ``scaling_*``: Latent Scaling
-    along the fine-tuned / base decoders. Missing parts leave their columns NaN.
+    along the fine-tuned / base decoders. Missing parts leave their columns NaN. ``class_reason``: one line
+    per latent saying why it has its class (:func:`crosscoder.analysis.cards.class_reasons`).
     """
     t = thresholds or thresholds_for(model.cfg.arch)
     cols: dict[str, np.ndarray] = {"latent": np.arange(model.cfg.d_latent, dtype=np.int64)}
@@ -247,6 +248,9 @@ def latent_columns(
     layout = getattr(model, "layout", None)
     kinds = layout.kinds() if layout is not None else ["free"] * h
     add_layout_columns(cols, kinds, t, n_active, nu_ft, nu_base)
+    from .cards import class_reasons
+
+    cols["class_reason"] = class_reasons(cols, t)
     return cols
 
 

@@ -5,8 +5,12 @@
    checkpoints of the pretraining, a second fine-tune on data records and a wider model);
 2. collect paired activations at a middle block into a cache;
 3. train a batchtopk crosscoder on the cache (``--arch vanilla``: the L1 crosscoder);
-4. print the summary: explained variance, L0, and the numbers of base-only / shared / fine-tuned-only
-   latents by relative decoder norm ``r = |d_ft| / (|d_base| + |d_ft|)``.
+4. analyze it (``crosscoder analyze``: Latent Scaling, top contexts, spliced-in loss, ``<out>/report``;
+   ``--no-analyze`` skips this);
+5. print the summary: explained variance, L0, the numbers of base-only / shared / fine-tuned-only
+   latents by relative decoder norm ``r = |d_ft| / (|d_base| + |d_ft|)``, and the story figures of the
+   analysis (:mod:`crosscoder.analysis.story`): how many ft-only latents Latent Scaling confirms, what
+   share of their top contexts is code, and the median decoder cosine of the shared latents.
 """
 
 from __future__ import annotations
@@ -45,6 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--site", default=None, help="module to read (default: the middle block, transformer.h.<n_layer // 2>)")
     a("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     a("--rebuild", action="store_true", help="rebuild the model pair and recollect")
+    a(
+        "--analyze",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run `crosscoder analyze` on the result (report in OUT/report; default: on)",
+    )
     a("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
 
 
@@ -87,9 +97,11 @@ def run_demo(
     threads: int = 1,
     rebuild: bool = False,
     progress: bool = True,
+    analyze: bool = True,
     say: Any = print,
 ) -> dict[str, Any]:
-    """Build the pair, collect, train; returns the summary dict (also printed through ``say``)."""
+    """Build the pair, collect, train, analyze (``analyze``); returns the summary dict (also printed through
+    ``say``)."""
     import numpy as np
     import torch
 
@@ -158,6 +170,16 @@ def run_demo(
     c = PairedCache(cache, verify="size")
     sample = np.random.default_rng(0).choice(c.n_rows, size=min(c.n_rows, 16384), replace=False)
     groups = latent_groups(model, c.read(np.sort(sample)))
+    report = None
+    if analyze:
+        from ..analysis.analyze_config import AnalyzeConfig
+        from ..analysis.pipeline import analyze as run_analysis
+
+        acfg = AnalyzeConfig(
+            run_dir=str(root / "crosscoder"), out=str(root / "report"), overwrite=True, threads=threads
+        )
+        report = run_analysis(acfg, say=say)
+    t_analyze = time.perf_counter() - t0 - t_pair - t_collect - t_train
     summary = {
         "pair": str(pair.root),
         "pair_eval_loss": pair.info.get("eval_loss"),
@@ -173,10 +195,13 @@ def run_demo(
         "explained_variance_B": metrics.get("val/explained_variance_B", metrics.get("explained_variance_B")),
         "l0": metrics.get("val/l0_loss", metrics.get("l0_loss")),
         "latents": groups,
+        "report": str(root / "report" / "report.html") if report is not None else None,
+        "story": report.get("story") if report is not None else None,
         "seconds": {
             "pair": round(t_pair, 1),
             "collect": round(t_collect, 1),
             "train": round(t_train, 1),
+            **({"analyze": round(t_analyze, 1)} if report is not None else {}),
             "total": round(time.perf_counter() - t0, 1),
         },
     }
@@ -215,6 +240,23 @@ def format_summary(s: dict[str, Any]) -> str:
         f"    dead (never fire)         {g['dead']}",
         "    r histogram (alive, 10 bins from 0 = base-only to 1 = ft-only): "
         + " ".join(str(v) for v in g["histogram"]),
+    ]
+    if s.get("report"):
+        lines.append(f"report       {s['report']}")
+    st = s.get("story")
+    if st:
+        frac, cos = st.get("ft_only_code_fraction"), st.get("shared_median_cos")
+        lines += [
+            f"story        {st['ft_only_confirmed']} ft-only latents confirmed by Latent Scaling"
+            + (
+                f", {frac:.0%} of their {st['ft_only_contexts']} top contexts from code"
+                if frac is not None
+                else ""
+            ),
+            f"             {st['shared']} shared latents, median decoder cosine "
+            + (f"{cos:.3f}" if cos is not None else "n/a"),
+        ]
+    lines += [
         "time         " + ", ".join(f"{k} {v}s" for k, v in s["seconds"].items()),
     ]
     return "\n".join(lines)
@@ -234,5 +276,6 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         rebuild=args.rebuild,
         progress=args.progress,
+        analyze=args.analyze,
     )
     return 0
