@@ -109,6 +109,23 @@ def test_data_by_latent_mesh_matches_one_process(tmp_path, arch):
         assert any(r["aux_loss"] > 0 for r in m1)
 
 
+def checkpointed(steps):
+    """BatchTopK on the built-in pair: ``steps`` steps of 256 tokens, a checkpoint every 4, a log a step."""
+    from test_distributed import ARGS
+
+    return [
+        *ARGS,
+        "--arch",
+        "batchtopk",
+        "--save-every",
+        "4",
+        "--log-every",
+        "1",
+        "--num-tokens",
+        str(256 * steps),
+    ]
+
+
 def launch(out, *flags, nproc=1, kill=None):
     """``crosscoder train --out OUT FLAGS`` on one process or under torchrun; ``kill="RANK:STEP"`` makes that
     rank SIGKILL itself after that step (the test hook of crosscoder.train.elastic)."""
@@ -130,19 +147,9 @@ def launch(out, *flags, nproc=1, kill=None):
 def test_sharded_checkpoint_resumes_on_other_meshes(tmp_path):
     """A run on 2 shards killed after its checkpoint at step 4 resumes on one process, and a 1-process run
     resumes on 2 shards: both end with the uninterrupted run's weights."""
-    from test_distributed import ARGS, assert_same_weights
+    from test_distributed import assert_same_weights
 
-    flags = [
-        *ARGS,
-        "--arch",
-        "batchtopk",
-        "--save-every",
-        "4",
-        "--log-every",
-        "1",
-        "--num-tokens",
-        str(256 * 8),
-    ]
+    flags = checkpointed(8)
     assert launch(tmp_path / "ref", *flags).returncode == 0
     cut = tmp_path / "cut"
     r = launch(cut, *flags, "--latent-shards", "2", nproc=2, kill="1:5")
@@ -309,20 +316,7 @@ def test_elastic_restart_of_a_sharded_run(tmp_path):
     """Rank 1 of a 2-shard run SIGKILLs itself after step 10 under --max-restarts 1: torchrun restarts both
     workers, which resume from the sharded checkpoint of step 8 by themselves; the weights equal an
     uninterrupted 2-shard run bit for bit."""
-    from test_distributed import ARGS
-
-    flags = [
-        *ARGS,
-        "--arch",
-        "batchtopk",
-        "--save-every",
-        "4",
-        "--log-every",
-        "1",
-        "--num-tokens",
-        str(256 * 20),
-    ]
-    flags += ["--latent-shards", "2"]
+    flags = [*checkpointed(20), "--latent-shards", "2"]
     ref, out = tmp_path / "ref", tmp_path / "run"
     assert launch(ref, *flags, nproc=2).returncode == 0
     cmd = [

@@ -184,12 +184,23 @@ def save_checkpoint(
             _write_file(tmp / "state.json", lambda fh: fh.write(text.encode()))
         fsync_dir(root)
     except Exception as e:  # noqa: BLE001 - an OS error becomes one line, anything else propagates
-        if os_error(e) is None:
-            raise
-        raise write_error(out, target, e, "a checkpoint") from None
+        raise_write_error(out, target, e, "a checkpoint")
+    prune(out, keep)
+    return target
+
+
+def raise_write_error(out: Path, target: Path, e: Exception, what: str) -> None:
+    """Re-raise ``e`` as :func:`write_error`'s one line when an OS error is behind it (disk full, I/O
+    error), else as it is."""
+    if isinstance(e, CheckpointError) or os_error(e) is None:
+        raise e
+    raise write_error(out, target, e, what) from None
+
+
+def prune(out: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints."""
     for _, old in list_checkpoints(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 def write_final_model(model: Any, out: Path, extra_config: dict[str, Any]) -> None:

@@ -33,8 +33,9 @@ from .checkpoint import (
     CheckpointError,
     _fsync_file,
     _write_file,
-    list_checkpoints,
     os_error,
+    prune,
+    raise_write_error,
     rng_state,
     write_error,
 )
@@ -145,16 +146,9 @@ def save_sharded_checkpoint(
             text = json.dumps(meta, indent=2) + "\n"
             _write_file(tmp / "state.json", lambda fh: fh.write(text.encode()))
         fsync_dir(root)
-    except CheckpointError:
-        raise
     except Exception as e:  # noqa: BLE001 - an OS error becomes one line, anything else propagates
-        if os_error(e) is None:
-            raise
-        raise write_error(out, target, e, "a checkpoint") from None
-    import shutil
-
-    for _, old in list_checkpoints(out)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        raise_write_error(out, target, e, "a checkpoint")
+    prune(out, keep)
     return target
 
 
