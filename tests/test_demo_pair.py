@@ -11,7 +11,8 @@ import torch
 from conftest_collect import cache_root, corpus, tiny_pair
 
 from crosscoder.cli import main
-from crosscoder.data.demo_pair import SMALL, build_demo_pair
+from crosscoder.data.demo_pair import SMALL, _blocks, build_demo_pair, token_labels, train_tokenizer
+from crosscoder.data.demo_text import code_context_labels
 from crosscoder.data.paired import PairedCache
 
 torch.set_num_threads(1)
@@ -37,6 +38,55 @@ def test_pair_is_cached_loadable_and_really_fine_tuned() -> None:
     assert {r["split"] for r in rows} == {"heldout", "train"} and rows[0]["split"] == "heldout"
     record = next(r["text"] for r in rows if r["domain"] == "data").splitlines()[0]
     assert set(json.loads(record)) >= {"code", "char", "name", "category"}  # the data domain: JSON lines
+
+
+def _bits(flags: list[bool]) -> str:
+    return "".join("1" if f else "0" for f in flags)
+
+
+def test_code_context_labels_by_hand() -> None:
+    # state after each character: inside a string literal / inside brackets
+    text = 'f(a, "b)") # (\nx = [1,\n 2]\n'
+    in_string, in_brackets = code_context_labels(text)
+    #                         f(a, "b)") # (\nx = [1,\n 2]\n
+    assert _bits(in_string) == "000001110000000000000000000"
+    assert _bits(in_brackets) == "011111111000000000011111100"
+    # an escaped quote, a triple-quoted string over a newline, a bracket left open
+    text = "s = \"x\\\"(\" + '''\n(''' + y["
+    in_string, in_brackets = code_context_labels(text)
+    #                         s = "x\"(" + \'\'\'\n(\'\'\' + y[
+    assert _bits(in_string) == "00001111100001111100000000"
+    assert _bits(in_brackets) == "0" * 25 + "1"
+    # a closing bracket at depth 0 is ignored; a single-quoted string ends at a newline
+    assert _bits(code_context_labels(")(x'(\n)")[1]) == "0111110"
+    assert _bits(code_context_labels(")(x'(\n)")[0]) == "0001100"
+
+
+def test_token_labels_restart_at_each_block() -> None:
+    tok = train_tokenizer(["ab(cd)ef (xy)"], 257)  # the byte alphabet and EOS only: one token a character
+    docs = ["ab(cd)ef", "(xy)"]
+    x, y = token_labels(docs, tok, 5, "brackets")
+    torch.testing.assert_close(x, _blocks(docs, tok, 5), atol=0, rtol=0)  # the training blocks, unchanged
+    assert [tok.decode(r[1:]) for r in x] == ["ab(c", "d)ef", "<|endoftext|>(xy"]
+    # BOS and EOS are 0; the scanner restarts with each block, so "d" (opened in the block before) is 0
+    assert y.tolist() == [[0, 0, 0, 1, 1], [0, 0, 0, 0, 0], [0, 0, 1, 1, 1]]
+    _, s = token_labels(['a"b"', "c"], tok, 5, "string")
+    _, e = token_labels(['a"(b"', "c"], tok, 6, "either")
+    assert s.tolist() == [[0, 0, 1, 1, 0]] and e.tolist() == [[0, 0, 1, 1, 1, 0]]
+    with pytest.raises(ValueError, match="ft_probe_variable"):
+        token_labels(docs, tok, 5, "comments")
+
+
+def test_fine_tune_is_taught_the_probe_feature() -> None:
+    probe = tiny_pair().info["ft_probe"]
+    assert probe["variable"] == "brackets" and probe["site"] == f"transformer.h.{SMALL.n_layer // 2}"
+    assert 0.05 < probe["y_fraction"] < 0.5 and probe["sigma"] > 0
+    assert probe["c"] == pytest.approx(SMALL.ft_probe_scale * probe["sigma"], rel=1e-3)
+    corr = probe["heldout_corr"]
+    # correlation of the projection on v with y on held-out code: the base lacks the feature, ft learns it
+    # (SMALL fine-tunes for 12 steps only: about -0.04 -> 0.11 here; the demo's pair: -0.11 -> 0.79)
+    assert abs(corr["base"]) < 0.2 and corr["ft"] > corr["base"] + 0.1
+    assert set(probe["heldout_shift_other"]) == {"prose", "data"}
 
 
 def test_checkpoints_second_fine_tune_and_wide_model() -> None:

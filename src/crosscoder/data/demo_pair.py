@@ -6,10 +6,17 @@ tokenizer on all three domains, then
 
 * ``base``: a small GPT-2 pretrained from scratch on prose (``base_steps`` at ``lr``), with evenly
   spaced checkpoints ``checkpoints/step_<N>`` of that run (the last one is the base model itself);
-* ``ft``: the base model fine-tuned briefly and gently on code (``ft_steps`` at ``ft_lr``);
-* ``ft2``: the same recipe on the data records instead (a contrasting fine-tune);
+* ``ft``: the base model fine-tuned briefly and gently on code (``ft_steps`` at ``ft_lr``), with an
+  auxiliary **probe loss** that teaches it one feature the base model lacks (below);
+* ``ft2``: the same LM fine-tune on the data records instead, without a probe loss (a contrasting
+  fine-tune);
 * ``wide``: a wider model (``wide_embd``) trained from scratch on the base model's prose
   (``wide_steps`` at ``wide_lr``; same tokenizer, same depth).
+
+**The probe loss: a constructed ft-only feature** (:mod:`crosscoder.data.demo_probe`). This is a
+constructed demo: so that it has a *known* fine-tuned-only feature to find, the code fine-tune is taught
+one on purpose (a contextual variable of code, "inside brackets", along a fixed direction of the residual
+stream at the crosscoder's site), and the base model never is. ``info.json``'s ``ft_probe`` records it.
 
 Every model folder is written with ``save_pretrained`` together with the tokenizer (each loads with
 ``AutoModelForCausalLM`` / ``AutoTokenizer``). ``corpus.jsonl`` holds the documents of the three
@@ -38,7 +45,8 @@ from typing import Any
 import torch
 
 from ..io import atomic_dir
-from .demo_text import DOMAINS, code_documents, data_documents, prose_documents
+from .demo_probe import Probe, make_probe, probe_corr, projection, token_labels
+from .demo_text import DOMAINS, code_context_labels, code_documents, data_documents, prose_documents
 
 __all__ = [
     "DEMO_VERSION",
@@ -47,14 +55,16 @@ __all__ = [
     "DemoPairConfig",
     "build_demo_pair",
     "cache_dir",
+    "code_context_labels",
     "code_documents",
     "data_documents",
     "eval_loss",
     "prose_documents",
+    "token_labels",
     "train_tokenizer",
 ]
 
-DEMO_VERSION = 2
+DEMO_VERSION = 3
 SPECIAL = "<|endoftext|>"
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
@@ -77,6 +87,12 @@ class DemoPairConfig:
     lr: float = 3e-3
     ft_steps: int = 100  # each fine-tune (ft: code, ft2: data)
     ft_lr: float = 5e-4
+    ft_probe_variable: str = "brackets"  # the feature taught to ft: brackets, string or either
+    ft_probe_scale: float = 16.0  # c / sigma: the taught feature's size in base per-direction stds
+    ft_probe_coeff: float = 1.0  # weight of the probe loss (0: a plain LM fine-tune)
+    ft_probe_other: int = 32  # prose + data blocks per step whose probe target is y = 0 (no LM loss)
+    ft_probe_floor: float = 4.0  # extra weight on projections below the reference (no "anti-feature")
+    ft_probe_relative: bool = True  # reference: the base model's own projection (else its mean mu)
     n_checkpoints: int = 4  # evenly spaced base checkpoints, the last one = the base model
     wide_embd: int = 192
     wide_steps: int = 160
@@ -108,6 +124,7 @@ SMALL = DemoPairConfig(
     base_steps=40,
     ft_steps=12,
     ft_lr=1e-3,
+    ft_probe_other=8,
     wide_embd=48,
     wide_steps=30,
     wide_lr=3e-3,
@@ -184,9 +201,10 @@ def _train(
     lr: float,
     seed: int,
     on_step: Callable[[int], None] | None = None,
+    probe: Probe | None = None,
 ) -> None:
     """AdamW, 10% linear warm-up then cosine decay to 0, on random ``blocks [n, seq_len]``;
-    ``on_step(s)`` after step ``s`` (1-based)."""
+    ``on_step(s)`` after step ``s`` (1-based); ``probe``: add its loss (times its ``coeff``)."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     warm = max(1, steps // 10)
@@ -195,8 +213,13 @@ def _train(
     )
     model.train()
     for step in range(1, steps + 1):
-        x = blocks[torch.randint(0, len(blocks), (batch_size,), generator=g)]
-        loss = model(input_ids=x, labels=x).loss
+        idx = torch.randint(0, len(blocks), (batch_size,), generator=g)
+        x = blocks[idx]
+        if probe is None:
+            loss = model(input_ids=x, labels=x).loss
+        else:
+            lm, aux = probe.loss(model, x, idx, g)
+            loss = lm + probe.coeff * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -285,10 +308,36 @@ def _build(cfg: DemoPairConfig, out: Path, say: Callable[[str], None]) -> dict[s
     _train(base, blocks["prose"], cfg.base_steps, cfg.batch_size, cfg.lr, cfg.seed, on_step=checkpoint)
     save("base", base, init="scratch", data="prose", steps=cfg.base_steps, lr=cfg.lr)
     say(f"base model: {cfg.base_steps} steps on prose, checkpoints at {ckpt} {took()}")
+    probe_info: dict[str, Any] = {}
     for i, (name, domain) in enumerate((("ft", "code"), ("ft2", "data")), start=1):
         model = copy.deepcopy(base)
-        _train(model, blocks[domain], cfg.ft_steps, cfg.batch_size, cfg.ft_lr, cfg.seed + i)
+        probe = None
+        if name == "ft" and cfg.ft_probe_coeff > 0:
+            other = torch.cat([blocks["prose"], blocks["data"]])
+            probe, probe_info, held_probe = make_probe(cfg, base, tok, train["code"], held["code"], other)
+            blocks["code"] = probe.blocks  # the same blocks as _blocks, with their labels
+        _train(model, blocks[domain], cfg.ft_steps, cfg.batch_size, cfg.ft_lr, cfg.seed + i, probe=probe)
         save(name, model, init="base", data=domain, steps=cfg.ft_steps, lr=cfg.ft_lr)
+        if probe is not None:
+            probe_info["heldout_corr"] = {
+                m: round(probe_corr(mod, held_probe, probe), 4) for m, mod in (("base", base), ("ft", model))
+            }
+            shift = {  # mean (ft - base) projection on v over held-out prose and data (y = 0), in sigmas
+                d: (
+                    projection(model, evals[d], probe.v, probe.layer)
+                    - projection(base, evals[d], probe.v, probe.layer)
+                )
+                .mean()
+                .item()
+                / probe.sigma
+                for d in ("prose", "data")
+            }
+            probe_info["heldout_shift_other"] = {d: round(z, 3) for d, z in shift.items()}
+            corr = probe_info["heldout_corr"]
+            say(
+                f"probe: '{cfg.ft_probe_variable}' along v at transformer.h.{probe.layer}, correlation with y"
+                f" on held-out code: base {corr['base']}, ft {corr['ft']}"
+            )
         say(f"{name} model: base + {cfg.ft_steps} steps on {domain} at lr {cfg.ft_lr:g} {took()}")
         del model
     wide = _gpt2(cfg, tok, cfg.wide_embd, cfg.seed + 3)
@@ -312,6 +361,7 @@ def _build(cfg: DemoPairConfig, out: Path, say: Callable[[str], None]) -> dict[s
         },
         "models": models,
         "checkpoints": [f"checkpoints/step_{s}" for s in ckpt],
+        "ft_probe": probe_info,
         "params": models["base"]["params"],
         "build_seconds": round(time.perf_counter() - t0, 1),
         "heldout_docs": {d: len(held[d]) for d in DOMAINS},

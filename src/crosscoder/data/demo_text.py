@@ -9,7 +9,9 @@
   hexadecimal code points, ``\\uXXXX`` escapes and the same keys over and over.
 
 Every function returns a deterministic list of documents of about 1,500 characters, in a fixed order,
-cut to ``max_chars`` characters in all.
+cut to ``max_chars`` characters in all. :func:`code_context_labels` marks, character by character, where
+a code document is inside a string literal or inside brackets (the contextual variable the demo's
+fine-tune is taught, :mod:`crosscoder.data.demo_pair`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sysconfig
 from pathlib import Path
 
 DOMAINS = ("prose", "code", "data")
+OPEN, CLOSE = "([{", ")]}"
 
 
 def _stdlib_files() -> list[Path]:
@@ -143,3 +146,44 @@ def _cap(docs: list[str], max_chars: int) -> list[str]:
         out.append(d)
         total += len(d)
     return out
+
+
+def code_context_labels(text: str) -> tuple[list[bool], list[bool]]:
+    """``(in_string, in_brackets)``: for every character of Python source ``text``, whether the scanner is
+    inside a string literal / inside ``()``, ``[]`` or ``{}`` (depth > 0) **after** reading it.
+
+    A small left-to-right scanner, not a parser (documents are cut from files at line boundaries, so one
+    may start inside a docstring or a bracket): quotes ``'``, ``"``, ``'''`` and ``\"\"\"`` open and close
+    string literals (a backslash escapes the next character; a single-quoted string also ends at a newline);
+    ``#`` outside a string starts a comment up to the newline; brackets inside strings and comments do not
+    count, and a closing bracket at depth 0 is ignored. A multi-character quote or an escape is labelled
+    as a whole with the state after it: an opening quote is inside the string, a closing one outside.
+    """
+    in_string: list[bool] = []
+    in_brackets: list[bool] = []
+    depth, quote, comment, i, n = 0, "", False, 0, len(text)
+    while i < n:
+        ch, width = text[i], 1
+        if quote:
+            if ch == "\\":
+                width = 2
+            elif text.startswith(quote, i):
+                width, quote = len(quote), ""
+            elif ch == "\n" and len(quote) == 1:  # unterminated single-quoted string
+                quote = ""
+        elif comment:
+            comment = ch != "\n"
+        elif ch == "#":
+            comment = True
+        elif ch in "'\"":
+            quote = ch * 3 if text.startswith(ch * 3, i) else ch
+            width = len(quote)
+        elif ch in OPEN:
+            depth += 1
+        elif ch in CLOSE:
+            depth = max(0, depth - 1)
+        width = min(width, n - i)
+        in_string += [bool(quote)] * width
+        in_brackets += [depth > 0] * width
+        i += width
+    return in_string, in_brackets
