@@ -128,13 +128,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("png")
     p.add_argument("--table", action="store_true")
     p.add_argument("--size", type=int, nargs=2, default=(1400, 1600), metavar=("W", "H"))
+    p.add_argument(
+        "--anchor", default=None, help="open the page at #ANCHOR (e.g. q=ft_only: the table searched)"
+    )
     a = p.parse_args(argv)
-    page = check_page(a.html, anchor="table" if a.table else "")
+    anchor = a.anchor or ("table" if a.table else "")
+    page = check_page(a.html, anchor=anchor)
     print(
         f"status {page.status!r}, {page.table_rows} table rows, page errors {page.page_errors}, "
         f"console errors {page.console_errors}"
     )
-    screenshot(a.html, a.png, a.size[0], a.size[1], anchor="table" if a.table else "")
+    screenshot(a.html, a.png, a.size[0], a.size[1], anchor=anchor)
     return 0 if page.ok else 1
 
 
