@@ -208,6 +208,13 @@ def test_cli_synth_multi_writes_a_paired_cache(tmp_path, capsys):
     # two models: the HF pair as before; a bad subset: one error line, nothing written
     assert main(["synth", str(tmp_path / "pair"), "--rows", "100", "--d-model", "8"]) == 0
     assert (tmp_path / "pair" / "base").is_dir() and not (tmp_path / "pair" / "cache").exists()
+    # a run trained with --base-data PAIR/base and analyzed from its recorded (converted) cache: the ground
+    # truth is found beside the base data the run recorded
+    elsewhere = SimpleNamespace(path=tmp_path / "converted")
+    no_flags = SimpleNamespace(ground_truth=None, base_data=None)
+    assert find_ground_truth(no_flags, elsewhere) is None
+    run_cfg = {"data": {"base_data": str(tmp_path / "pair" / "base")}}
+    assert find_ground_truth(no_flags, elsewhere, run_cfg) == tmp_path / "pair" / "ground_truth"
     capsys.readouterr()
     assert main(["synth", str(tmp_path / "bad"), "--preset", "multi", "--subsets", "0+7", "--rows", "9"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

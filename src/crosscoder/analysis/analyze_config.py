@@ -77,12 +77,15 @@ def resolve_cache(cfg: AnalyzeConfig, run_cfg: dict[str, Any]) -> Any:
     )
 
 
-def find_ground_truth(cfg: AnalyzeConfig, cache: Any) -> Path | None:
+def find_ground_truth(cfg: AnalyzeConfig, cache: Any, run_cfg: dict[str, Any] | None = None) -> Path | None:
     """Planted features of a synthetic pair: ``--ground-truth``, else ``CACHE/ground_truth`` (the built-in
-    pair) or ``ground_truth`` beside ``--base-data`` (``crosscoder synth`` output)."""
+    pair) or ``ground_truth`` beside ``--base-data``, or beside the ``base_data`` the run recorded in its
+    ``config.json`` (``crosscoder synth`` output trained with ``--base-data``, analyzed with no data flag)."""
     cands = [Path(cfg.ground_truth)] if cfg.ground_truth else [Path(cache.path) / "ground_truth"]
-    if cfg.base_data and not cfg.ground_truth:
-        cands.append(Path(cfg.base_data).parent / "ground_truth")
+    recorded = ((run_cfg or {}).get("data") or {}).get("base_data")
+    base_data = cfg.base_data or recorded
+    if base_data and not cfg.ground_truth:
+        cands.append(Path(base_data).parent / "ground_truth")
     for c in cands:
         if (c / "ground_truth.json").is_file():
             return c

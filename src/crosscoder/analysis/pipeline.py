@@ -240,7 +240,7 @@ def analyze(cfg: AnalyzeConfig, say: Any = _say_default) -> dict[str, Any]:
         cols.update(match_cols)
         say(format_comparison(summary["comparison"]))
     gt_text = None
-    gt_path = find_ground_truth(cfg, cache)
+    gt_path = find_ground_truth(cfg, cache, run_cfg)
     if gt_path is not None:
         from ..data.synthetic import GroundTruth
 
