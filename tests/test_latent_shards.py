@@ -21,7 +21,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_distributed import MAX_FLIPPED, STEP_METRICS, env, single, step_metrics, torchrun
+from test_distributed import MAX_FLIPPED, STEP_METRICS, env, flipped_latents, single, step_metrics, torchrun
 
 STEPS = 5
 
@@ -41,26 +41,6 @@ def common(arch):
         "--dead-tokens",
         "256",
     ]
-
-
-def flipped_latents(a, b, atol=1e-5, rtol=1e-4):
-    """Latents whose parameters differ between runs ``a`` and ``b`` (a latent: its W_enc column, W_dec row,
-    b_enc entry and per-latent threshold); asserts that the replicated tensors agree."""
-    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
-    assert set(wa) == set(wb)
-    h = wa["b_enc"].shape[0]
-
-    def off(k):
-        return (wa[k] - wb[k]).abs() > atol + rtol * wb[k].abs()
-
-    assert not off("b_dec").any(), (wa["b_dec"] - wb["b_dec"]).abs().max()
-    per_latent = off("W_enc").reshape(-1, h).any(0) | off("W_dec").reshape(h, -1).any(1) | off("b_enc")
-    for k in set(wa) - {"W_enc", "W_dec", "b_enc", "b_dec"}:
-        if wa[k].dim() == 0:  # BatchTopK's threshold
-            assert float(wa[k]) == pytest.approx(float(wb[k]), rel=1e-4, abs=1e-6), k
-        else:  # JumpReLU's thresholds [d_latent]
-            per_latent |= off(k)
-    return per_latent.nonzero().flatten().tolist()
 
 
 def compare_runs(one, other, arch):
